@@ -1,0 +1,206 @@
+"""Drop-in ``nn.Module``s over ``din_fast.functional``.
+
+Each module holds its parameters and buffers the PyTorch way (``state_dict``, ``train()`` /
+``eval()``, ``extra_repr``) and takes a ``backend`` (``"auto"``, ``"triton"``, ``"torch"`` or
+``"reference"``; see ``din_fast.backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _validation as V
+from . import functional
+from .backend import BACKENDS
+
+Tensor = torch.Tensor
+
+
+class Dice(nn.Module):
+    """Dice activation (eq. 9): ``f(s) = p(s) s + (1 - p(s)) alpha s``, ``p(s) =
+    sigmoid((s - E[s]) / sqrt(Var[s] + eps))``, per channel.
+
+    Training uses the batch's mean and biased variance over all leading positions (or over the
+    true positions of ``mask``) and updates ``running_mean`` / ``running_var`` like BatchNorm
+    (``momentum``; unbiased running variance); evaluation uses the running statistics.
+
+    Args:
+        num_features: channels ``C``.
+        eps: added to the variance.
+        momentum: weight of the new batch in the running statistics.
+        backend: see ``din_fast.backend``.
+
+    Shape:
+        x: ``[N, C]`` or ``[N, T, C]``; mask: bool ``x.shape[:-1]``; output like x.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.num_features = num_features
+        self.eps = V.check_positive_float("eps", eps)
+        self.momentum = V.check_momentum(momentum)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
+        factory = dict(device=device, dtype=dtype)
+        self.alpha = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        V.check_tensor("x", x, ndim=(2, 3), floating=True)
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"x must have {self.num_features} channels in its last dimension (num_features), "
+                             f"got shape {tuple(x.shape)}")
+        return functional.dice(x, self.alpha, self.running_mean, self.running_var, mask, training=self.training,
+                               momentum=self.momentum, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, backend={self.backend!r}"
+
+
+class LocalActivationUnit(nn.Module):
+    """DIN's local activation unit: an MLP on ``[q, k, q - k, q * k]`` giving one score per
+    behaviour.
+
+    Args:
+        embedding_dim: ``D`` of query and keys.
+        hidden_units: widths of the hidden layers (the paper: ``(80, 40)``).
+        activation: ``"sigmoid"``, ``"relu"``, ``"prelu"`` (per channel) or ``"dice"``.
+        backend: see ``din_fast.backend``.
+
+    Shape:
+        query ``[B, D]`` or ``[B, 1, D]``, keys ``[B, T, D]`` -> scores ``[B, T]``. Dice's training
+        statistics count every position (use ``AttentionPooling`` to exclude padding).
+    """
+
+    def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        self.embedding_dim = embedding_dim
+        self.hidden_units = V.check_hidden_units(hidden_units)
+        self.activation = V.check_choice("activation", activation, V.ACTIVATIONS)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
+        factory = dict(device=device, dtype=dtype)
+        widths = (4 * embedding_dim,) + self.hidden_units + (1,)
+        self.layers = nn.ModuleList(nn.Linear(a, b, **factory) for a, b in zip(widths[:-1], widths[1:]))
+        if activation == "prelu":
+            self.activations = nn.ModuleList(nn.PReLU(h, **factory) for h in self.hidden_units)
+        elif activation == "dice":
+            self.activations = nn.ModuleList(Dice(h, backend=backend, **factory) for h in self.hidden_units)
+        else:
+            self.activations = None
+
+    def mlp_arguments(self) -> dict:
+        """The keyword arguments describing this MLP for ``din_fast.functional``."""
+        if self.activation == "prelu":
+            act_params = tuple((act.weight,) for act in self.activations)
+        elif self.activation == "dice":
+            act_params = tuple((act.alpha, act.running_mean, act.running_var) for act in self.activations)
+        else:
+            act_params = None
+        arguments = dict(weights=tuple(layer.weight for layer in self.layers),
+                         biases=tuple(layer.bias for layer in self.layers), activation=self.activation,
+                         act_params=act_params)
+        if self.activation == "dice":
+            arguments.update(momentum=self.activations[0].momentum, eps=self.activations[0].eps)
+        return arguments
+
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        return functional.local_activation_scores(query, keys, training=self.training, backend=self.backend,
+                                                  **self.mlp_arguments())
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, hidden_units={self.hidden_units}, "
+                f"activation={self.activation!r}, backend={self.backend!r}")
+
+
+class AttentionPooling(nn.Module):
+    """DIN's attention pooling (eq. 3): ``v_U(A) = sum_t w_t e_t`` with ``w_t`` from a
+    ``LocalActivationUnit``.
+
+    Args:
+        embedding_dim, hidden_units, activation: of the activation unit.
+        normalization: ``"none"`` (the paper: raw scores as weights) or ``"softmax"`` over the
+            valid positions.
+        softmax_scale: multiplies the scores before the softmax (1 in the peer libraries,
+            ``1/sqrt(D)`` in the authors' released code).
+        dice_stats: ``"valid"`` (Dice statistics over valid positions only) or ``"all"`` (over
+            every position, padding included, as the peer libraries do).
+        backend: see ``din_fast.backend``.
+
+    Shape:
+        query ``[B, D]`` or ``[B, 1, D]``; keys ``[B, T, D]``; lengths ``[B]`` or ``[B, 1]`` ints in
+        ``[0, T]``, or mask ``[B, T]`` bool -> pooled ``[B, D]`` (and weights ``[B, T]`` with
+        ``return_scores=True``).
+    """
+
+    def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",
+                 normalization: str = "none", softmax_scale: float = 1.0, dice_stats: str = "valid",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.unit = LocalActivationUnit(embedding_dim, hidden_units, activation, backend, device=device, dtype=dtype)
+        self.normalization = V.check_choice("normalization", normalization, V.NORMALIZATIONS)
+        self.softmax_scale = V.check_positive_float("softmax_scale", softmax_scale)
+        self.dice_stats = V.check_choice("dice_stats", dice_stats, V.DICE_STATS)
+        self.backend = backend
+
+    def forward(self, query: Tensor, keys: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                return_scores: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        pooled, weights = functional.attention_pooling(
+            query, keys, lengths=lengths, mask=mask, normalization=self.normalization,
+            softmax_scale=self.softmax_scale, dice_stats=self.dice_stats, training=self.training,
+            backend=self.backend, **self.unit.mlp_arguments())
+        return (pooled, weights) if return_scores else pooled
+
+    def score_candidates(self, history: Tensor, candidates: Tensor,
+                         return_scores: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Serving: one user's ``history`` ``[T, D]`` (all valid) against ``candidates`` ``[C, D]``
+        -> ``[C, D]`` (and weights ``[C, T]``), always with inference semantics."""
+        arguments = self.unit.mlp_arguments()
+        arguments.pop("momentum", None)
+        pooled, weights = functional.score_candidates(history, candidates, normalization=self.normalization,
+                                                      softmax_scale=self.softmax_scale, backend=self.backend,
+                                                      **arguments)
+        return (pooled, weights) if return_scores else pooled
+
+    def extra_repr(self) -> str:
+        return f"normalization={self.normalization!r}, softmax_scale={self.softmax_scale}, " \
+               f"dice_stats={self.dice_stats!r}"
+
+
+class MBARegularizer(nn.Module):
+    """Mini-batch aware L2 regularization (eq. 4-7) of an embedding table.
+
+    ``penalty(weight, ids)`` is ``lam / 2 * sum_{j in unique(ids)} ||w_j||^2 / n_j``: each row the
+    batch touches counts once, scaled by ``1 / n_j``, its feature frequency over the training set.
+    Its gradient, ``lam * w_j / n_j`` on those rows and 0 elsewhere, is exactly eq. 7's term.
+
+    Args:
+        counts: ``[K]`` feature frequencies ``n_j >= 1`` (kept as a buffer).
+        lam: strength ``lambda >= 0``.
+        backend: see ``din_fast.backend``.
+    """
+
+    def __init__(self, counts: Tensor, lam: float, backend: str = "auto"):
+        super().__init__()
+        V.check_tensor("counts", counts, ndim=(1,))
+        functional.check_counts(counts, counts.shape[0], counts)
+        self.lam = V.check_positive_float("lam", lam, allow_zero=True)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
+        self.register_buffer("counts", counts.clone())
+
+    def penalty(self, weight: Tensor, ids: Tensor) -> Tensor:
+        """``weight`` ``[K, D]``, ``ids`` int (any shape) in ``[0, K)`` -> scalar."""
+        return functional.mba_penalty(weight, ids, self.counts, self.lam, backend=self.backend)
+
+    forward = penalty
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.counts.shape[0]}, lam={self.lam}, backend={self.backend!r}"

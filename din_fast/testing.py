@@ -1,0 +1,87 @@
+"""Helpers for comparing an implementation with the float64 reference (used by the tests and by
+``benchmarks/gpu_check.py``).
+
+One tolerance table serves every op: the expected value is always the reference run in float64,
+so the tolerance only has to cover the rounding of the dtype under test.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+# atol, rtol per input dtype, against the float64 reference.
+TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "",
+                 scale: float = 1.0) -> None:
+    """Asserts ``actual`` (any dtype) equals the float64 ``expected`` within ``TOLERANCES[dtype]``.
+
+    ``scale`` widens both tolerances for quantities that sum many rounded terms (document why at
+    the call site). NaN must match NaN position for position.
+    """
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.detach().to(torch.float64).cpu(), expected.detach().to(torch.float64).cpu(),
+                               atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, equal_nan=True,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def assert_close_conditioned(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference: torch.Tensor,
+                             dtype: torch.dtype, name: str = "", factor: float = 4.0) -> None:
+    """Like ``assert_close``, for ill-conditioned cases (Dice statistics over a handful of
+    positions, where ``1/sqrt(Var + eps)`` amplifies the input's rounding).
+
+    Passes when ``actual`` is within ``TOLERANCES[dtype]`` of the float64 ``expected``, or when its
+    largest error is at most ``factor`` times that of ``same_dtype_reference``: the reference
+    math itself run in ``dtype``. A wrong result has errors of order 1 and fails either way.
+    """
+    try:
+        assert_close(actual, expected, dtype, name)
+    except AssertionError:
+        truth = expected.detach().to(torch.float64).cpu()
+        error = (actual.detach().to(torch.float64).cpu() - truth).abs().max().item()
+        baseline = (same_dtype_reference.detach().to(torch.float64).cpu() - truth).abs().max().item()
+        if not error <= factor * baseline:
+            raise AssertionError(f"{name}: largest error {error:.3g} exceeds both the {dtype} tolerance and "
+                                 f"{factor} x the {dtype} reference's own error {baseline:.3g}") from None
+
+
+def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer pre-filled with NaN, so elements a kernel forgets to write show up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def random_attention_mlp(dim: int, hidden, activation: str, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Random parameters of an activation-unit MLP in ``din_fast.reference``'s layout.
+
+    Returns ``(weights, biases, act_params)``: ``weights[i]`` ``[out, in]`` with fan-in scaling,
+    nonzero biases, PReLU slopes around 0.25, Dice alphas in (0, 1) with running statistics away
+    from the defaults, so that no term of the math is trivially zero.
+    """
+    factory = dict(dtype=dtype, device=device)
+    widths = (4 * dim,) + tuple(hidden) + (1,)
+    weights = [torch.randn(b, a, **factory) / a ** 0.5 for a, b in zip(widths[:-1], widths[1:])]
+    biases = [0.1 * torch.randn(b, **factory) for b in widths[1:]]
+    if activation == "prelu":
+        act_params = [(0.25 + 0.1 * torch.rand(h, **factory),) for h in hidden]
+    elif activation == "dice":
+        act_params = [(torch.rand(h, **factory), 0.1 * torch.randn(h, **factory), 0.5 + torch.rand(h, **factory))
+                      for h in hidden]
+    else:
+        act_params = [() for _ in hidden]
+    return weights, biases, act_params
+
+
+def float64_copies(tensors):
+    """Detached float64 copies (leaves requiring grad where the originals do) of a nested list."""
+    if isinstance(tensors, torch.Tensor):
+        copy = tensors.detach().to(torch.float64) if tensors.is_floating_point() else tensors.detach().clone()
+        return copy.requires_grad_(tensors.requires_grad)
+    return type(tensors)(float64_copies(t) for t in tensors)

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="din_fast",
+    version="0.1.0",
+    description="Fused Triton kernels and faithful PyTorch modules for the Deep Interest Network (DIN)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["din_fast", "din_fast.triton_ops", "din_fast.kernels", "din_fast.benchmarks"],
+    # kernels/ and benchmarks/ are top-level folders of the source tree, installed as
+    # din_fast.kernels and din_fast.benchmarks (a
+    # top-level import name `kernels` would collide with an existing PyPI package).
+    package_dir={"din_fast.kernels": "kernels", "din_fast.benchmarks": "benchmarks"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["din-fast = din_fast.cli:main"]},
+)

@@ -1,0 +1,210 @@
+"""The torch backend against the float64 reference: outputs, running statistics and every gradient."""
+
+import functools
+
+import pytest
+import torch
+
+from din_fast import functional as F
+from din_fast import reference as R
+from din_fast import torch_ops
+from din_fast.testing import assert_close, assert_close_conditioned, float64_copies, random_attention_mlp
+
+DTYPES = [torch.float32, torch.float64]
+
+# (B, T, D, hidden, lengths): D = 18, 36, 64; T = 1; lengths 0 and T; B = 1.
+ATTENTION_SHAPES = [
+    (3, 5, 18, (80, 40), [5, 0, 2]),
+    (1, 1, 36, (64, 16), [1]),
+    (2, 1, 36, (200,), [0, 1]),
+    (4, 7, 64, (80, 40), [7, 7, 3, 1]),
+    (1, 6, 18, (200,), [6]),
+    (3, 4, 36, (8, 5, 3), [0, 0, 0]),
+]
+
+
+def _leaves(weights, biases, act_params):
+    """The tensors a gradient is expected for: weights, biases, PReLU slopes and Dice alphas."""
+    return list(weights) + list(biases) + [layer[0] for layer in act_params if layer]
+
+
+def _attention_case(shape, activation, dtype):
+    batch, seq_len, dim, hidden, lengths = shape
+    weights, biases, act_params = random_attention_mlp(dim, hidden, activation, dtype)
+    for t in _leaves(weights, biases, act_params):
+        t.requires_grad_()
+    query = torch.randn(batch, dim, dtype=dtype, requires_grad=True)
+    keys = torch.randn(batch, seq_len, dim, dtype=dtype, requires_grad=True)
+    return query, keys, weights, biases, act_params, torch.tensor(lengths)
+
+
+def _detached_leaves(tensors):
+    """Copies in the same dtype, leaves requiring grad where the originals do (running statistics
+    copied so that a second run does not see the first one's update)."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.detach().clone().requires_grad_(tensors.requires_grad)
+    return type(tensors)(_detached_leaves(t) for t in tensors)
+
+
+def _run(fn, query, keys, weights, biases, act_params, **kwargs):
+    pooled, attn = fn(query, keys, weights, biases, act_params=act_params, **kwargs)
+    # Random cotangents so that every output element's gradient path is exercised.
+    gen = torch.Generator().manual_seed(1)
+    loss = (pooled * torch.randn(pooled.shape, generator=gen, dtype=torch.float64).to(pooled.dtype)).sum() \
+        + (attn * torch.randn(attn.shape, generator=gen, dtype=torch.float64).to(attn.dtype)).sum()
+    leaves = [query, keys] + _leaves(weights, biases, act_params)
+    grads = torch.autograd.grad(loss, leaves)
+    return pooled, attn, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("normalization,softmax_scale", [("none", 1.0), ("softmax", 1.0), ("softmax", 1 / 6)])
+@pytest.mark.parametrize("activation,training,dice_stats", [
+    ("sigmoid", True, "valid"), ("relu", True, "valid"), ("prelu", True, "valid"),
+    ("dice", True, "valid"), ("dice", True, "all"), ("dice", False, "valid"),
+])
+def test_attention_pooling_matches_reference(dtype, shape, activation, normalization, softmax_scale, training,
+                                             dice_stats):
+    case = _attention_case(shape, activation, dtype)
+    query, keys, weights, biases, act_params, lengths = case
+    ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
+    options = dict(lengths=lengths, activation=activation, normalization=normalization,
+                   softmax_scale=softmax_scale, dice_stats=dice_stats, training=training)
+    pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
+    ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
+                                           ref_act, **options)
+    if activation == "dice" and training and dtype != torch.float64:
+        # Batch statistics over a few positions are ill-conditioned in low precision: allow the
+        # error of the reference math itself run in this dtype.
+        same_dtype = _run(R.attention_pooling, *_detached_leaves(case[:5]), **options)
+        check = functools.partial(assert_close_conditioned, dtype=dtype)
+        outputs = zip([pooled, attn, *grads], [ref_pooled, ref_attn, *ref_grads], same_dtype[:2] + same_dtype[2])
+        for i, (value, ref_value, low) in enumerate(outputs):
+            check(value, ref_value, low, name=f"output {i}")
+    else:
+        assert_close(pooled, ref_pooled, dtype, "pooled")
+        assert_close(attn, ref_attn, dtype, "weights")
+        for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+            assert_close(g, ref_g, dtype, f"gradient {i}")
+    for layer, ref_layer in zip(act_params, ref_act):
+        for stat, ref_stat in zip(layer[1:], ref_layer[1:]):
+            assert_close(stat, ref_stat, dtype, "running statistic")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_pooling_bool_mask_equals_lengths(dtype):
+    query, keys, weights, biases, act_params, lengths = _attention_case(ATTENTION_SHAPES[3], "prelu", dtype)
+    mask = torch.arange(keys.shape[1])[None] < lengths[:, None]
+    by_lengths = torch_ops.attention_pooling(query, keys, weights, biases, lengths=lengths, activation="prelu",
+                                             act_params=act_params)
+    by_mask = torch_ops.attention_pooling(query, keys, weights, biases, mask=mask, activation="prelu",
+                                          act_params=act_params)
+    for a, b in zip(by_lengths, by_mask):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_score_candidates_matches_reference(dtype, activation, normalization):
+    weights, biases, act_params = random_attention_mlp(36, (80, 40), activation, dtype)
+    history, candidates = torch.randn(9, 36, dtype=dtype), torch.randn(5, 36, dtype=dtype)
+    pooled, attn = torch_ops.score_candidates(history, candidates, weights, biases, activation=activation,
+                                              act_params=act_params, normalization=normalization)
+    ref = R.score_candidates(*float64_copies([history, candidates, weights, biases]), activation=activation,
+                             act_params=float64_copies(act_params), normalization=normalization)
+    assert_close(pooled, ref[0], dtype, "pooled")
+    assert_close(attn, ref[1], dtype, "weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 5), (1, 3), (6, 4, 80), (2, 1, 40)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_dice_matches_reference(dtype, shape, masked, training):
+    channels = shape[-1]
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    alpha = torch.rand(channels, dtype=dtype, requires_grad=True)
+    stats = [0.1 * torch.randn(channels, dtype=dtype), 0.5 + torch.rand(channels, dtype=dtype)]
+    mask = torch.rand(shape[:-1]) > 0.4 if masked else None
+    ref_x, ref_alpha, ref_stats = float64_copies([x, alpha, stats])
+    y = torch_ops.dice(x, alpha, *stats, mask, training=training, momentum=0.3)
+    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=training, momentum=0.3)
+    cotangent = torch.randn(shape, dtype=torch.float64)
+    grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), [x, alpha])
+    ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), [ref_x, ref_alpha])
+    assert_close(y, ref_y, dtype, "y")
+    assert_close(grads[0], ref_grads[0], dtype, "dx")
+    assert_close(grads[1], ref_grads[1], dtype, "dalpha")
+    assert_close(stats[0], ref_stats[0], dtype, "running_mean")
+    assert_close(stats[1], ref_stats[1], dtype, "running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mba_penalty_matches_reference(dtype):
+    weight = torch.randn(50, 18, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, 50, (8, 11))
+    counts = torch.randint(1, 100, (50,))
+    ref_weight = float64_copies(weight)
+    value = torch_ops.mba_penalty(weight, ids, counts, 0.7)
+    ref_value = R.mba_penalty(ref_weight, ids, counts, 0.7)
+    assert_close(value, ref_value, dtype, "penalty")
+    assert_close(torch.autograd.grad(value, weight)[0], torch.autograd.grad(ref_value, ref_weight)[0], dtype,
+                 "gradient")
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_gradcheck_torch_attention(activation, normalization):
+    query, keys, weights, biases, act_params, lengths = _attention_case((3, 4, 3, (5, 2), [4, 1, 0]),
+                                                                    activation, torch.float64)
+    leaves = _leaves(weights, biases, act_params)
+    n = len(weights)
+
+    def fn(query, keys, *flat):
+        ws, bs, first = flat[:n], flat[n:2 * n], flat[2 * n:]
+        acts = [(f,) + tuple(layer[1:]) for f, layer in zip(first, act_params)] if first else act_params
+        return torch_ops.attention_pooling(query, keys, ws, bs, lengths=lengths, activation=activation,
+                                           act_params=acts, normalization=normalization, softmax_scale=0.6,
+                                           training=True, eps=1e-3)
+
+    assert torch.autograd.gradcheck(fn, (query, keys, *leaves))
+
+
+def test_gradcheck_torch_dice_and_mba():
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda x, a: torch_ops.dice(x, a, None, None, mask, training=True, eps=1e-3), (x, alpha))
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    ids, counts = torch.tensor([6, 0, 6]), torch.arange(1, 8)
+    assert torch.autograd.gradcheck(lambda w: torch_ops.mba_penalty(w, ids, counts, 0.5), (weight,))
+
+
+def test_score_candidates_reads_history_once_per_request():
+    """The serving path computes the history's own first-layer term once, not once per candidate:
+    its cost grows with C * T * D * H1 (the interaction) plus T * D * H1, never C * T * 4D * H1."""
+    weights, biases, _ = random_attention_mlp(36, (80, 40), "sigmoid")
+    history, candidates = torch.randn(100, 36), torch.randn(200, 36)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as folded:
+        torch_ops.score_candidates(history, candidates, weights, biases)
+    with FlopCounterMode(display=False) as naive:
+        R.score_candidates(history, candidates, weights, biases)
+    layer_one_naive = 2 * 200 * 100 * 144 * 80
+    layer_one_folded = 2 * (200 * 100 * 36 * 80 + 100 * 36 * 80 + 200 * 36 * 80)
+    rest = 2 * 200 * 100 * (80 * 40 + 40)
+    assert naive.get_total_flops() == layer_one_naive + rest + 2 * 200 * 100 * 36
+    assert folded.get_total_flops() == layer_one_folded + rest + 2 * 200 * 100 * 36
+
+
+def test_functional_api_dispatches_to_torch_backend():
+    query, keys, weights, biases, act_params, lengths = _attention_case(ATTENTION_SHAPES[0], "relu", torch.float64)
+    direct = torch_ops.attention_pooling(query, keys, weights, biases, lengths=lengths, activation="relu")
+    dispatched = F.attention_pooling(query, keys, weights, biases, lengths=lengths, activation="relu",
+                                     backend="torch")
+    for a, b in zip(direct, dispatched):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
