@@ -215,8 +215,8 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float, *, back
         A scalar; its gradient is ``lam * w_j / n_j`` on the batch's rows and 0 elsewhere.
     """
     V.check_tensor("weight", weight, ndim=(2,), floating=True)
-    V.check_index_tensor("ids", ids, weight.shape[0])
     V.check_same_device(weight=weight, ids=ids)
+    V.check_index_tensor("ids", ids, weight.shape[0])
     check_counts(counts, weight.shape[0], weight)
     V.check_positive_float("lam", lam, allow_zero=True)
     op = get_op(resolve_backend(backend, weight.device, "mba_penalty"), "mba_penalty")
