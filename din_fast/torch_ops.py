@@ -128,6 +128,104 @@ def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, soft
     return torch.where(valid, torch.softmax(logits, dim=-1), logits.new_zeros(()))
 
 
+class _PointwiseAttention(torch.autograd.Function):
+    """Folded attention pooling for the pointwise activations (sigmoid, relu, prelu) with a
+    hand-written backward.
+
+    Activations are applied in place and differentiated from their saved outputs, so each hidden
+    layer keeps one ``[B*T, H]`` tensor instead of autograd's several, and no large temporary is
+    allocated twice. Dice needs batch statistics and goes through autograd instead.
+    """
+
+    @staticmethod
+    def forward(ctx, query, keys, valid, activation, normalization, softmax_scale, n_layers, *params):
+        weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
+        batch, seq_len, dim = keys.shape
+        w_u, w_k, w_p = _split_first_layer(weights[0], dim)
+        folded = w_k.t() + query[:, :, None] * w_p.t()
+        # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
+        h = torch.bmm(keys, folded).add_(F.linear(query, w_u, biases[0])[:, None, :]).view(batch * seq_len, -1)
+        hidden, pre_activations = [], []
+        for i in range(n_layers - 1):
+            if i:
+                h = torch.addmm(biases[i], h, weights[i].t())
+            if activation == "sigmoid":
+                h = h.sigmoid_()
+            elif activation == "relu":
+                h = h.relu_()
+            else:
+                pre_activations.append(h)
+                h = torch.where(h >= 0, h, slopes[i] * h)
+            hidden.append(h)
+        scores = F.linear(h, weights[-1], biases[-1]).view(batch, seq_len)
+        attn = _normalize(scores, valid, normalization, softmax_scale)
+        values = keys if valid is None else torch.where(valid[..., None], keys, keys.new_zeros(()))
+        pooled = torch.bmm(attn[:, None, :], values)[:, 0]
+        ctx.config = (activation, normalization, softmax_scale, n_layers)
+        ctx.save_for_backward(query, keys, valid, folded, attn, values, *hidden, *pre_activations, *params)
+        return pooled, attn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled, grad_attn):
+        activation, normalization, softmax_scale, n_layers = ctx.config
+        query, keys, valid, folded, attn, values, *rest = ctx.saved_tensors
+        n_hidden = n_layers - 1
+        hidden = rest[:n_hidden]
+        pre_activations = rest[n_hidden:2 * n_hidden] if activation == "prelu" else ()
+        params = rest[len(hidden) + len(pre_activations):]
+        weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
+        batch, seq_len, dim = keys.shape
+
+        grad_weights_of_attn = torch.bmm(values, grad_pooled[:, :, None])[..., 0]
+        if grad_attn is not None:
+            grad_weights_of_attn = grad_weights_of_attn + grad_attn
+        if normalization == "softmax":
+            # attn is 0 on padding, so the softmax's Jacobian needs no mask.
+            centered = grad_weights_of_attn - (attn * grad_weights_of_attn).sum(1, keepdim=True)
+            grad_scores = attn * centered * softmax_scale
+        elif valid is None:
+            grad_scores = grad_weights_of_attn
+        else:
+            grad_scores = torch.where(valid, grad_weights_of_attn, grad_weights_of_attn.new_zeros(()))
+
+        grad_scores = grad_scores.reshape(-1, 1)
+        grads_w, grads_b, grads_slope = [None] * n_layers, [None] * n_layers, [None] * len(slopes)
+        grads_w[-1] = grad_scores.t() @ hidden[-1]
+        grads_b[-1] = grad_scores.sum(0)
+        grad_h = grad_scores @ weights[-1]
+        for i in reversed(range(n_hidden)):
+            out = hidden[i]
+            if activation == "sigmoid":
+                grad_h = grad_h.mul_(out)
+                grad_h = grad_h.addcmul_(grad_h, out, value=-1)
+            elif activation == "relu":
+                grad_h = grad_h.masked_fill_(out <= 0, 0)
+            else:
+                negative = pre_activations[i] < 0
+                slope_terms = torch.where(negative, grad_h * pre_activations[i], grad_h.new_zeros(()))
+                grads_slope[i] = slope_terms.sum(0) if slopes[i].numel() > 1 else slope_terms.sum().reshape(1)
+                grad_h = torch.where(negative, grad_h * slopes[i], grad_h)
+            if i:
+                grads_w[i] = grad_h.t() @ hidden[i - 1]
+                grads_b[i] = grad_h.sum(0)
+                grad_h = grad_h @ weights[i]
+
+        grad_h1 = grad_h.view(batch, seq_len, -1)
+        grad_u = grad_h1.sum(1)
+        grads_b[0] = grad_u.sum(0)
+        grad_folded = torch.bmm(keys.transpose(1, 2), grad_h1)
+        grad_keys = torch.baddbmm(attn[:, :, None] * grad_pooled[:, None, :], grad_h1, folded.transpose(1, 2))
+        w_u, w_k, w_p = _split_first_layer(weights[0], dim)
+        grad_query = grad_u @ w_u + torch.einsum("bdh,hd->bd", grad_folded, w_p)
+        grad_w_u = grad_u.t() @ query
+        grad_w_k = grad_folded.sum(0).t()
+        grad_w_p = torch.einsum("bdh,bd->hd", grad_folded, query)
+        # W1 = [Wq | Wk | Wd | Wp] enters as Wu = Wq + Wd and Wk' = Wk - Wd.
+        grads_w[0] = torch.cat([grad_w_u, grad_w_k, grad_w_u - grad_w_k, grad_w_p], dim=1)
+        return (grad_query, grad_keys, None, None, None, None, None, *grads_w, *grads_b, *grads_slope)
+
+
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
@@ -140,6 +238,10 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     seq_len = keys.shape[1]
     if lengths is not None:
         mask = torch.arange(seq_len, device=keys.device)[None, :] < lengths[:, None]
+    if activation != "dice":
+        slopes = tuple(layer[0] for layer in act_params) if activation == "prelu" else ()
+        return _PointwiseAttention.apply(query, keys, mask, activation, normalization, softmax_scale, len(weights),
+                                         *weights, *biases, *slopes)
     w_u, w_k, w_p = _split_first_layer(weights[0], query.shape[-1])
     u = F.linear(query, w_u, biases[0])
     folded = w_k.t() + query[:, :, None] * w_p.t()

@@ -134,9 +134,19 @@ def test_dice_matches_reference(dtype, shape, masked, training):
     cotangent = torch.randn(shape, dtype=torch.float64)
     grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), [x, alpha])
     ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), [ref_x, ref_alpha])
-    assert_close(y, ref_y, dtype, "y")
-    assert_close(grads[0], ref_grads[0], dtype, "dx")
-    assert_close(grads[1], ref_grads[1], dtype, "dalpha")
+    if training and dtype != torch.float64:
+        # Statistics over a few positions are ill-conditioned in low precision: allow the error
+        # of the reference math itself run in this dtype.
+        low_x, low_alpha = (t.detach().clone().requires_grad_() for t in (x, alpha))
+        low_y = R.dice(low_x, low_alpha, None, None, mask, training=True)
+        low_grads = torch.autograd.grad((low_y * cotangent.to(dtype)).sum(), [low_x, low_alpha])
+        for name, value, ref_value, low in zip(["y", "dx", "dalpha"], [y, *grads], [ref_y, *ref_grads],
+                                               [low_y, *low_grads]):
+            assert_close_conditioned(value, ref_value, low, dtype, name)
+    else:
+        assert_close(y, ref_y, dtype, "y")
+        assert_close(grads[0], ref_grads[0], dtype, "dx")
+        assert_close(grads[1], ref_grads[1], dtype, "dalpha")
     assert_close(stats[0], ref_stats[0], dtype, "running_mean")
     assert_close(stats[1], ref_stats[1], dtype, "running_var")
 
