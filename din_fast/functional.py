@@ -187,8 +187,12 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
               normalization=normalization, softmax_scale=float(softmax_scale), eps=eps)
 
 
-def check_counts(counts: Tensor, num_rows: int, like: Tensor) -> Tensor:
-    """``counts``: ``[K]`` feature frequencies ``n_j >= 1`` on ``like``'s device."""
+def check_counts(counts: Tensor, num_rows: int, like: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """``counts``: ``[K]`` feature frequencies ``n_j >= 1`` on ``like``'s device.
+
+    With ``rows`` (int ids), only those entries' values are checked, so that a per-batch check
+    costs the batch's size, never ``K``.
+    """
     V.check_tensor("counts", counts, ndim=(1,))
     if counts.shape[0] != num_rows:
         raise ValueError(f"counts must have shape [{num_rows}] (one per table row), got {tuple(counts.shape)}")
@@ -196,9 +200,10 @@ def check_counts(counts: Tensor, num_rows: int, like: Tensor) -> Tensor:
         raise ValueError(f"counts must be on {like.device} like weight, got {counts.device}")
     if counts.dtype == torch.bool or counts.is_complex():
         raise TypeError(f"counts must be a real tensor, got {counts.dtype}")
-    if counts.numel() and V.values_checkable() and float(counts.min()) < 1:
+    checked = counts if rows is None else counts.index_select(0, rows.reshape(-1).long())
+    if checked.numel() and V.values_checkable() and float(checked.min()) < 1:
         raise ValueError(f"counts must be >= 1 (n_j counts occurrences; unseen ids count as 1), "
-                         f"got minimum {float(counts.min())}")
+                         f"got minimum {float(checked.min())}")
     return counts
 
 
@@ -217,7 +222,7 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float, *, back
     V.check_tensor("weight", weight, ndim=(2,), floating=True)
     V.check_same_device(weight=weight, ids=ids)
     V.check_index_tensor("ids", ids, weight.shape[0])
-    check_counts(counts, weight.shape[0], weight)
+    check_counts(counts, weight.shape[0], weight, rows=ids)
     V.check_positive_float("lam", lam, allow_zero=True)
     op = get_op(resolve_backend(backend, weight.device, "mba_penalty"), "mba_penalty")
     return op(weight, ids, counts, float(lam))

@@ -87,10 +87,11 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
 
 def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: Optional[Tensor], training: bool,
               momentum: float, eps: float) -> Tensor:
+    # In place: h is always a fresh layer output that no backward needs.
     if activation == "sigmoid":
-        return torch.sigmoid(h)
+        return h.sigmoid_()
     if activation == "relu":
-        return torch.relu(h)
+        return h.relu_()
     if activation == "prelu":
         return torch.where(h >= 0, h, params[0] * h)
     alpha, running_mean, running_var = params
@@ -257,17 +258,20 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
                      activation: str = "sigmoid", act_params: Sequence[Sequence[Tensor]] = (),
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8
                      ) -> Tuple[Tensor, Tensor]:
-    """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold; the
-    history's own term ``k (Wk - Wd)^T`` is computed once for all candidates.
+    """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold.
+
+    The history's own term ``k (Wk - Wd)^T`` is computed once for all candidates, and the
+    interaction term of every candidate comes from one ``[T, D] x [D, C * H1]`` product, so the
+    history is read once. Rows are laid out time-major (``[T, C]``) for that product.
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """
+    seq_len, num_candidates = history.shape[0], candidates.shape[0]
     w_u, w_k, w_p = _split_first_layer(weights[0], history.shape[-1])
-    per_candidate = F.linear(candidates, w_u, biases[0])
-    per_key = F.linear(history, w_k)
-    interaction = torch.matmul(history, candidates[:, :, None] * w_p.t())
-    h1 = interaction + per_candidate[:, None, :] + per_key[None]
-    scores = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps)
+    per_candidate_folded = (candidates[:, :, None] * w_p.t()).permute(1, 0, 2).reshape(history.shape[-1], -1)
+    h1 = (history @ per_candidate_folded).view(seq_len, num_candidates, -1)
+    h1 = h1.add_(F.linear(candidates, w_u, biases[0])[None]).add_(F.linear(history, w_k)[:, None])
+    scores = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps).t()
     attn = _normalize(scores, None, normalization, softmax_scale)
     return attn @ history, attn
 
