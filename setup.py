@@ -9,8 +9,8 @@ setup(
     python_requires=">=3.9",
     packages=["din_fast", "din_fast.triton_ops", "din_fast.kernels", "din_fast.benchmarks"],
     # kernels/ and benchmarks/ are top-level folders of the source tree, installed as
-    # din_fast.kernels and din_fast.benchmarks (a
-    # top-level import name `kernels` would collide with an existing PyPI package).
+    # din_fast.kernels and din_fast.benchmarks: top-level import names `kernels` and
+    # `benchmarks` would collide with other packages.
     package_dir={"din_fast.kernels": "kernels", "din_fast.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4",
