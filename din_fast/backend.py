@@ -7,8 +7,8 @@ Three backends implement every op with one signature (the one in ``din_fast.refe
 * ``"torch"``: the fast pure-PyTorch path (``din_fast.torch_ops``), any device;
 * ``"reference"``: the literal paper math (``din_fast.reference``).
 
-``"auto"`` picks ``triton`` for CUDA tensors when Triton imports and the op has a kernel, else
-``torch``; the environment variable ``DIN_FAST_BACKEND`` replaces ``"auto"`` with a fixed
+``"auto"`` picks ``triton`` for CUDA tensors of a kernel dtype (float32, float16, bfloat16) when
+Triton imports and the op has a kernel, else ``torch``; the environment variable ``DIN_FAST_BACKEND`` replaces ``"auto"`` with a fixed
 choice. An explicit request that cannot be honoured raises; it never falls back silently.
 Backends never import each other, and Triton is imported only when the triton backend is used.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from functools import lru_cache
 from typing import Callable
 
@@ -43,6 +44,11 @@ def triton_interpreter() -> bool:
 @lru_cache(maxsize=None)
 def _triton_module(op: str):
     name = f"din_fast.triton_ops.{_TRITON_MODULES[op]}"
+    # Under torch.compile, Dynamo traces into this body and cannot trace import_module (a graph
+    # break); a module already imported is a plain lookup.
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        return loaded
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -55,8 +61,13 @@ def has_triton_kernel(op: str) -> bool:
     return triton_available() and _triton_module(op) is not None
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """Returns the concrete backend (``"triton"``, ``"torch"`` or ``"reference"``) for ``op`` on ``device``.
+# Input dtypes the kernels take; "auto" sends any other (float64) to the torch backend.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32) -> str:
+    """Returns the concrete backend (``"triton"``, ``"torch"`` or ``"reference"``) for ``op`` on
+    ``device`` with floating inputs of ``dtype``.
 
     Raises:
         ValueError: unknown backend name.
@@ -71,7 +82,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and has_triton_kernel(op):
+        if device.type == "cuda" and dtype in KERNEL_DTYPES and has_triton_kernel(op):
             return "triton"
         return "torch"
     if backend == "triton":

@@ -58,7 +58,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
             raise ValueError(f"mask must be on {x.device} like x, got {mask.device}")
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, x.device, "dice"), "dice")
+    op = get_op(resolve_backend(backend, x.device, "dice", x.dtype), "dice")
     return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps)
 
 
@@ -144,7 +144,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, keys.device, "attention_pooling"), "attention_pooling")
+    op = get_op(resolve_backend(backend, keys.device, "attention_pooling", keys.dtype), "attention_pooling")
     return op(query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
               act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
               dice_stats=dice_stats, training=training, momentum=momentum, eps=eps)
@@ -182,7 +182,7 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     V.check_choice("normalization", normalization, V.NORMALIZATIONS)
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, history.device, "score_candidates"), "score_candidates")
+    op = get_op(resolve_backend(backend, history.device, "score_candidates", history.dtype), "score_candidates")
     return op(history, candidates, tuple(weights), tuple(biases), activation=activation, act_params=act_params,
               normalization=normalization, softmax_scale=float(softmax_scale), eps=eps)
 
@@ -224,5 +224,5 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float, *, back
     V.check_index_tensor("ids", ids, weight.shape[0])
     check_counts(counts, weight.shape[0], weight, rows=ids)
     V.check_positive_float("lam", lam, allow_zero=True)
-    op = get_op(resolve_backend(backend, weight.device, "mba_penalty"), "mba_penalty")
+    op = get_op(resolve_backend(backend, weight.device, "mba_penalty", weight.dtype), "mba_penalty")
     return op(weight, ids, counts, float(lam))

@@ -19,6 +19,7 @@ Conventions shared with the other backends:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -43,7 +44,7 @@ def dice_statistics(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, 
     variance 0.
     """
     channels = x.shape[-1]
-    flat = x.reshape(-1, channels)
+    flat = x.reshape(math.prod(x.shape[:-1]), channels)
     if mask is None:
         keep = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
     else:

@@ -1,0 +1,640 @@
+"""Dice (eq. 9) kernels and host launchers on ``x`` viewed as ``[M, C]`` (channels last, contiguous).
+
+Math, per channel c, with an optional bool ``mask`` [M] choosing the positions that count in the
+batch statistics (``n`` of them):
+
+* ``mean``, ``var`` (biased) over the valid positions, accumulated in fp32 from per-tile moments
+  merged with Chan's parallel formula (never ``E[x^2] - E[x]^2``). Each tile's moments are taken
+  around one of its own valid values, so a channel whose inputs are all equal gets its mean
+  exactly and variance exactly 0 (its rstd is ``1/sqrt(eps)``, which would amplify any rounding).
+* ``xhat = (x - mean) * rstd``, ``rstd = 1/sqrt(var + eps)``, ``p = sigmoid(xhat)``,
+  ``y = x * (alpha + (1 - alpha) * p)``.
+* Backward, with ``s = dy * x * (1 - alpha) * p * (1 - p)`` (the gradient with respect to xhat):
+  ``dx = dy * (alpha + (1 - alpha) * p) + rstd * (s - valid * (S1 + xhat * S2) / n)``, where
+  ``S1 = sum s`` and ``S2 = sum s * xhat`` run over ALL positions (every output depends on mean
+  and var) and the correction reaches only the valid ones (only they enter mean and var);
+  ``dalpha = sum dy * x * (1 - p)`` over all positions. Inference drops the correction.
+
+Two paths: when ``M`` is small, one program per channel block holds every row on chip and does
+the whole op in one launch (one read of ``x``); otherwise a statistics (or gradient-reduction)
+pass over a grid of row chunks x channel blocks writes fp32 partials, a small combine kernel
+reduces them, and an elementwise pass applies. Inputs are upcast to fp32 right after loading;
+outputs are stored in the input dtype. Offsets are int64 on the multi-pass path.
+
+Launchers take fp32 contiguous ``alpha``/statistics and a ``uint8`` mask view; the autograd layer
+(``din_fast.triton_ops.dice``) prepares those.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# (BLOCK_M, BLOCK_C, num_warps) of the one-launch path: BLOCK_M is the most rows it holds.
+ONE_PASS_CONFIGS = ((32, 64, 4), (512, 8, 8))
+ONE_PASS_MAX_ROWS = ONE_PASS_CONFIGS[-1][0]
+# Tiles of the multi-pass kernels; each program walks `tiles_per_chunk` consecutive row tiles.
+MULTI_BLOCK_M, MULTI_BLOCK_C, MULTI_WARPS = 64, 32, 4
+# The combine kernels reduce COMBINE_BLOCK_K chunks per step; the launchers keep the chunk count
+# at most MAX_CHUNKS so that the serial combine stays short.
+COMBINE_BLOCK_K, COMBINE_BLOCK_C, COMBINE_WARPS = 32, 32, 4
+MAX_CHUNKS = 512
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_moments(x, valid, BLOCK_M: tl.constexpr):
+    """Count (int32), mean and sum of squared deviations [BLOCK_C] of the valid rows of ``x``
+    [BLOCK_M, BLOCK_C] (fp32; what invalid rows hold is ignored)."""
+    local = tl.arange(0, BLOCK_M)
+    count = tl.sum(valid.to(tl.int32), axis=0)
+    first = tl.min(tl.where(valid, local, BLOCK_M), axis=0)
+    # Centre on one valid value: exact for a constant channel, stable otherwise.
+    shift = tl.sum(tl.where((local == first)[:, None], x, 0.0), axis=0)
+    keep = valid[:, None]
+    mean = shift + tl.sum(tl.where(keep, x - shift[None, :], 0.0), axis=0) / tl.maximum(count, 1).to(tl.float32)
+    dev = tl.where(keep, x - mean[None, :], 0.0)
+    return count, mean, tl.sum(dev * dev, axis=0)
+
+
+@triton.jit
+def _merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, m2) summaries."""
+    count = count_a + count_b
+    weight_b = count_b.to(tl.float32) / tl.maximum(count, 1).to(tl.float32)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * weight_b
+    m2 = m2_a + m2_b + delta * delta * count_a.to(tl.float32) * weight_b
+    return count, mean, m2
+
+
+@triton.jit
+def _finalize_statistics(count, mean, m2, cols, col_ok, write_count, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
+                         run_var_ptr, momentum):
+    """Stores mean, biased var [C] and the count; applies BatchNorm's running update (unbiased
+    variance ``var * n / max(n - 1, 1)``) unless the selection was empty. Returns var."""
+    var = m2 / tl.maximum(count, 1).to(tl.float32)
+    tl.store(mean_ptr + cols, mean, mask=col_ok)
+    tl.store(var_ptr + cols, var, mask=col_ok)
+    tl.store(count_ptr, count, mask=write_count)
+    # The count is broadcast before the `&`: Triton's interpreter mistypes scalar & vector.
+    update = col_ok & ((count + tl.zeros_like(cols)) > 0)
+    n = count.to(tl.float32)
+    run_mean = tl.load(run_mean_ptr + cols, mask=update, other=0.0)
+    run_var = tl.load(run_var_ptr + cols, mask=update, other=0.0)
+    unbiased = var * n / tl.maximum(n - 1.0, 1.0)
+    tl.store(run_mean_ptr + cols, (1.0 - momentum) * run_mean + momentum * mean, mask=update)
+    tl.store(run_var_ptr + cols, (1.0 - momentum) * run_var + momentum * unbiased, mask=update)
+    return var
+
+
+@triton.jit
+def _dice_gate(x, mean, var, eps):
+    """``(xhat, p, q, rstd)`` for ``x`` [BLOCK_M, BLOCK_C] and per-channel mean, var [BLOCK_C]:
+    ``p = sigmoid(xhat)`` and ``q = 1 - p``, both accurate when the gate saturates (tiny
+    variances make rstd as large as ``1/sqrt(eps)``)."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    tail = tl.exp(-tl.abs(xhat))
+    big = 1.0 / (1.0 + tail)
+    small = tail * big
+    positive = xhat >= 0
+    return xhat, tl.where(positive, big, small), tl.where(positive, small, big), rstd
+
+
+@triton.jit
+def _dice_grad_terms(x, g, p, q, alpha):
+    """Direct part of dx, the gradient with respect to xhat, and dalpha's term, per element."""
+    a = alpha[None, :]
+    direct = g * (a + (1.0 - a) * p)
+    grad_xhat = g * x * (1.0 - a) * (p * q)
+    grad_alpha = g * x * q
+    return direct, grad_xhat, grad_alpha
+
+
+@triton.jit
+def _load_valid(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        return row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    return row_ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, y_ptr, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
+                                  run_var_ptr, M, C, momentum, eps, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """Training forward for M <= BLOCK_M: statistics, running update and output in one launch.
+    Grid: (cdiv(C, BLOCK_C),). Needs M * C < 2**31."""
+    pid_c = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
+    count, mean, m2 = _tile_moments(x, valid, BLOCK_M)
+    var = _finalize_statistics(count, mean, m2, cols, col_ok, pid_c == 0, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
+                               run_var_ptr, momentum)
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    _, p, _, _ = _dice_gate(x, mean, var, eps)
+    y = x * (alpha[None, :] + (1.0 - alpha[None, :]) * p)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dice_forward_stats_kernel(x_ptr, mask_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, M, C, tiles_per_chunk,
+                               HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-chunk moments: partials [num_chunks, C] (fp32 mean, m2) and [num_chunks] int32 counts.
+    Grid: (num_chunks, cdiv(C, BLOCK_C)); chunk k covers tiles [k * tiles_per_chunk, ...)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    count = tl.full([], 0, tl.int32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for tile in range(0, tiles_per_chunk):
+        rows = (pid_m * tiles_per_chunk + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
+        tile_count, tile_mean, tile_m2 = _tile_moments(x, valid, BLOCK_M)
+        count, mean, m2 = _merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2)
+    part = pid_m.to(tl.int64) * C + cols
+    tl.store(part_mean_ptr + part, mean, mask=col_ok)
+    tl.store(part_m2_ptr + part, m2, mask=col_ok)
+    tl.store(part_count_ptr + pid_m, count, mask=pid_c == 0)
+
+
+@triton.jit
+def _dice_forward_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr, count_ptr,
+                                 run_mean_ptr, run_var_ptr, C, num_chunks, momentum, BLOCK_K: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+    """Reduces the chunk moments to mean, var [C] and the count, and updates the running
+    statistics. Grid: (cdiv(C, BLOCK_C),)."""
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    local = tl.arange(0, BLOCK_K)
+    count = tl.full([], 0, tl.int32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_chunks, BLOCK_K):
+        chunks = start + local
+        chunk_ok = chunks < num_chunks
+        block_ok = chunk_ok[:, None] & col_ok[None, :]
+        part = chunks.to(tl.int64)[:, None] * C + cols[None, :]
+        chunk_count = tl.load(part_count_ptr + chunks, mask=chunk_ok, other=0)
+        chunk_mean = tl.load(part_mean_ptr + part, mask=block_ok, other=0.0)
+        chunk_m2 = tl.load(part_m2_ptr + part, mask=block_ok, other=0.0)
+        # The parallel form of the merge over BLOCK_K chunks, centred on one non-empty chunk.
+        block_count = tl.sum(chunk_count, axis=0)
+        first = tl.min(tl.where(chunk_count > 0, local, BLOCK_K), axis=0)
+        shift = tl.sum(tl.where((local == first)[:, None], chunk_mean, 0.0), axis=0)
+        weight = chunk_count.to(tl.float32)[:, None]
+        block_mean = shift + tl.sum(weight * (chunk_mean - shift[None, :]), axis=0) / \
+            tl.maximum(block_count, 1).to(tl.float32)
+        dev = chunk_mean - block_mean[None, :]
+        block_m2 = tl.sum(chunk_m2, axis=0) + tl.sum(weight * dev * dev, axis=0)
+        count, mean, m2 = _merge_moments(count, mean, m2, block_count, block_mean, block_m2)
+    _finalize_statistics(count, mean, m2, cols, col_ok, pid_c == 0, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
+                         run_var_ptr, momentum)
+
+
+@triton.jit
+def _dice_forward_apply_kernel(x_ptr, alpha_ptr, mean_ptr, var_ptr, y_ptr, M, C, tiles_per_chunk, eps,
+                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Elementwise ``y`` from per-channel fp32 mean and var (batch or running).
+    Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    var = tl.load(var_ptr + cols, mask=col_ok, other=0.0)
+    for tile in range(0, tiles_per_chunk):
+        rows = (pid_m * tiles_per_chunk + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tile_ok = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        _, p, _, _ = _dice_gate(x, mean, var, eps)
+        y = x * (alpha[None, :] + (1.0 - alpha[None, :]) * p)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, mean_ptr, var_ptr, count_ptr, dx_ptr,
+                                   dalpha_ptr, M, C, eps, HAS_MASK: tl.constexpr, TRAINING: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx and dalpha (fp32 [C]) for M <= BLOCK_M in one launch. Grid: (cdiv(C, BLOCK_C),).
+    Needs M * C < 2**31."""
+    pid_c = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    var = tl.load(var_ptr + cols, mask=col_ok, other=0.0)
+    xhat, p, q, rstd = _dice_gate(x, mean, var, eps)
+    direct, grad_xhat, grad_alpha = _dice_grad_terms(x, g, p, q, alpha)
+    if TRAINING:
+        inv_count = 1.0 / tl.maximum(tl.load(count_ptr), 1).to(tl.float32)
+        coef_mean = tl.sum(grad_xhat, axis=0) * inv_count
+        coef_var = tl.sum(grad_xhat * xhat, axis=0) * inv_count
+        valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
+        correction = tl.where(valid[:, None], coef_mean[None, :] + xhat * coef_var[None, :], 0.0)
+        dx = direct + rstd[None, :] * (grad_xhat - correction)
+    else:
+        dx = direct + rstd[None, :] * grad_xhat
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dalpha_ptr + cols, tl.sum(grad_alpha, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _dice_backward_reduce_kernel(x_ptr, g_ptr, alpha_ptr, mean_ptr, var_ptr, part_s1_ptr, part_s2_ptr,
+                                 part_dalpha_ptr, M, C, tiles_per_chunk, eps, BLOCK_M: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
+    """Training: per-chunk sums over all rows of ``s``, ``s * xhat`` and dalpha's terms, fp32
+    partials [num_chunks, C]. Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    var = tl.load(var_ptr + cols, mask=col_ok, other=0.0)
+    sum_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_s_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dalpha = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for tile in range(0, tiles_per_chunk):
+        rows = (pid_m * tiles_per_chunk + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tile_ok = (rows < M)[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        xhat, p, q, _ = _dice_gate(x, mean, var, eps)
+        _, grad_xhat, grad_alpha = _dice_grad_terms(x, g, p, q, alpha)
+        sum_s += tl.sum(grad_xhat, axis=0)
+        sum_s_xhat += tl.sum(grad_xhat * xhat, axis=0)
+        sum_dalpha += tl.sum(grad_alpha, axis=0)
+    part = pid_m.to(tl.int64) * C + cols
+    tl.store(part_s1_ptr + part, sum_s, mask=col_ok)
+    tl.store(part_s2_ptr + part, sum_s_xhat, mask=col_ok)
+    tl.store(part_dalpha_ptr + part, sum_dalpha, mask=col_ok)
+
+
+@triton.jit
+def _dice_backward_combine_kernel(part_s1_ptr, part_s2_ptr, part_dalpha_ptr, count_ptr, coef_mean_ptr,
+                                  coef_var_ptr, dalpha_ptr, C, num_chunks, TRAINING: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums the chunk partials: dalpha [C], and in training the correction coefficients
+    ``S1 / n`` and ``S2 / n`` [C]. Grid: (cdiv(C, BLOCK_C),)."""
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    local = tl.arange(0, BLOCK_K)
+    sum_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_s_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dalpha = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_chunks, BLOCK_K):
+        chunks = start + local
+        block_ok = (chunks < num_chunks)[:, None] & col_ok[None, :]
+        part = chunks.to(tl.int64)[:, None] * C + cols[None, :]
+        sum_dalpha += tl.sum(tl.load(part_dalpha_ptr + part, mask=block_ok, other=0.0), axis=0)
+        if TRAINING:
+            sum_s += tl.sum(tl.load(part_s1_ptr + part, mask=block_ok, other=0.0), axis=0)
+            sum_s_xhat += tl.sum(tl.load(part_s2_ptr + part, mask=block_ok, other=0.0), axis=0)
+    tl.store(dalpha_ptr + cols, sum_dalpha, mask=col_ok)
+    if TRAINING:
+        inv_count = 1.0 / tl.maximum(tl.load(count_ptr), 1).to(tl.float32)
+        tl.store(coef_mean_ptr + cols, sum_s * inv_count, mask=col_ok)
+        tl.store(coef_var_ptr + cols, sum_s_xhat * inv_count, mask=col_ok)
+
+
+@triton.jit
+def _dice_backward_apply_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, mean_ptr, var_ptr, coef_mean_ptr, coef_var_ptr,
+                                dx_ptr, part_dalpha_ptr, M, C, tiles_per_chunk, eps, HAS_MASK: tl.constexpr,
+                                TRAINING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Elementwise dx. Training applies the correction ``rstd * (S1 + xhat * S2) / n`` on the
+    valid rows; inference has none and instead writes dalpha partials [num_chunks, C].
+    Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    var = tl.load(var_ptr + cols, mask=col_ok, other=0.0)
+    if TRAINING:
+        coef_mean = tl.load(coef_mean_ptr + cols, mask=col_ok, other=0.0)
+        coef_var = tl.load(coef_var_ptr + cols, mask=col_ok, other=0.0)
+    sum_dalpha = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for tile in range(0, tiles_per_chunk):
+        rows = (pid_m * tiles_per_chunk + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+        xhat, p, q, rstd = _dice_gate(x, mean, var, eps)
+        direct, grad_xhat, grad_alpha = _dice_grad_terms(x, g, p, q, alpha)
+        if TRAINING:
+            valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
+            correction = tl.where(valid[:, None], coef_mean[None, :] + xhat * coef_var[None, :], 0.0)
+            dx = direct + rstd[None, :] * (grad_xhat - correction)
+        else:
+            dx = direct + rstd[None, :] * grad_xhat
+            sum_dalpha += tl.sum(grad_alpha, axis=0)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+    if not TRAINING:
+        tl.store(part_dalpha_ptr + pid_m.to(tl.int64) * C + cols, sum_dalpha, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_pass_config(rows: int, channels: int, one_pass_max_rows: Optional[int]):
+    """The smallest one-launch config holding ``rows`` rows, or None for the multi-pass path."""
+    if one_pass_max_rows is None:
+        one_pass_max_rows = ONE_PASS_MAX_ROWS
+    if rows > one_pass_max_rows or rows * channels >= 2**31:
+        return None
+    for block_m, block_c, warps in ONE_PASS_CONFIGS:
+        if rows <= block_m:
+            return block_m, block_c, warps
+    return None
+
+
+def _chunking(rows: int, tiles_per_chunk: Optional[int]) -> Tuple[int, int]:
+    """``(tiles_per_chunk, num_chunks)`` for the multi-pass grid: at most MAX_CHUNKS chunks."""
+    tiles = max(triton.cdiv(rows, MULTI_BLOCK_M), 1)
+    if tiles_per_chunk is None:
+        tiles_per_chunk = triton.cdiv(tiles, MAX_CHUNKS)  # read at call time: tests lower it
+    if tiles_per_chunk < 1:
+        raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
+    return tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
+
+
+def _check_2d(x: Tensor) -> Tuple[int, int]:
+    assert x.dim() == 2 and x.is_contiguous(), "launchers take x as a contiguous [M, C] tensor"
+    rows, channels = x.shape
+    # Row indices are int32 (element offsets are int64), with room for the last chunk's overhang.
+    assert rows < 2**30, "at most 2**30 positions"
+    return rows, channels
+
+
+def _check_channel_vectors(channels: int, *vectors: Optional[Tensor]) -> None:
+    for vector in vectors:
+        if vector is not None:
+            assert vector.dtype == torch.float32 and vector.is_contiguous() and vector.shape == (channels,), \
+                "per-channel vectors are contiguous fp32 [C]"
+
+
+def _output(out: Optional[Tensor], like: Tensor) -> Tensor:
+    if out is None:
+        return torch.empty_like(like)
+    assert out.shape == like.shape and out.dtype == like.dtype and out.is_contiguous()
+    return out
+
+
+def dice_forward_training(x: Tensor, alpha: Tensor, mask: Optional[Tensor], running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], momentum: float, eps: float, *, out: Optional[Tensor] = None,
+                          one_pass_max_rows: Optional[int] = None, tiles_per_chunk: Optional[int] = None
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training forward with batch statistics.
+
+    Args:
+        x: ``[M, C]`` contiguous fp32/bf16/fp16.
+        alpha: ``[C]`` fp32 contiguous.
+        mask: ``[M]`` uint8 (nonzero = counts in the statistics) or None (all count).
+        running_mean, running_var: ``[C]`` fp32 contiguous, updated in place (skipped when the
+            selection is empty), or both None.
+        out: optional ``[M, C]`` output buffer in x's dtype.
+        one_pass_max_rows, tiles_per_chunk: path and chunking overrides, ``ONE_PASS_MAX_ROWS``
+            and enough tiles per chunk for at most ``MAX_CHUNKS`` chunks by default (tests lower
+            them to run the multi-pass path on tiny shapes).
+
+    Returns:
+        ``(y [M, C] x.dtype, mean [C] fp32, var [C] fp32 biased, count [1] int32)``.
+    """
+    rows, channels = _check_2d(x)
+    _check_channel_vectors(channels, alpha, running_mean, running_var)
+    assert mask is None or (mask.dtype == torch.uint8 and mask.shape == (rows,) and mask.is_contiguous())
+    y = _output(out, x)
+    mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+    var = torch.empty(channels, dtype=torch.float32, device=x.device)
+    count = torch.empty(1, dtype=torch.int32, device=x.device)
+    if running_mean is None:
+        # Untracked: the kernels still write an update, into scratch that is dropped.
+        running_mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        running_var = torch.zeros(channels, dtype=torch.float32, device=x.device)
+    has_mask = mask is not None
+    mask_arg = mask if has_mask else x
+    config = _one_pass_config(rows, channels, one_pass_max_rows)
+    if config is not None:
+        block_m, block_c, warps = config
+        _dice_forward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
+            x, mask_arg, alpha, y, mean, var, count, running_mean, running_var, rows, channels, momentum, eps,
+            HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        return y, mean, var, count
+    tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
+    channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
+    part_mean = torch.empty(num_chunks, channels, dtype=torch.float32, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    part_count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
+    _dice_forward_stats_kernel[(num_chunks, channel_blocks)](
+        x, mask_arg, part_mean, part_m2, part_count, rows, channels, tiles_per_chunk, HAS_MASK=has_mask,
+        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+    _dice_forward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
+        part_mean, part_m2, part_count, mean, var, count, running_mean, running_var, channels, num_chunks, momentum,
+        BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS)
+    _dice_forward_apply_kernel[(num_chunks, channel_blocks)](
+        x, alpha, mean, var, y, rows, channels, tiles_per_chunk, eps, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C,
+        num_warps=MULTI_WARPS)
+    return y, mean, var, count
+
+
+def dice_forward_inference(x: Tensor, alpha: Tensor, mean: Tensor, var: Tensor, eps: float, *,
+                           out: Optional[Tensor] = None, tiles_per_chunk: Optional[int] = None) -> Tensor:
+    """Inference forward, one elementwise pass: x ``[M, C]`` (fp32/bf16/fp16, contiguous),
+    alpha, mean (running), var (running) ``[C]`` fp32. Returns y ``[M, C]`` in x's dtype."""
+    rows, channels = _check_2d(x)
+    _check_channel_vectors(channels, alpha, mean, var)
+    y = _output(out, x)
+    tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
+    _dice_forward_apply_kernel[(num_chunks, triton.cdiv(channels, MULTI_BLOCK_C))](
+        x, alpha, mean, var, y, rows, channels, tiles_per_chunk, eps, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C,
+        num_warps=MULTI_WARPS)
+    return y
+
+
+def dice_backward(x: Tensor, grad: Tensor, alpha: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor,
+                  count: Optional[Tensor], training: bool, eps: float, *, out: Optional[Tensor] = None,
+                  one_pass_max_rows: Optional[int] = None, tiles_per_chunk: Optional[int] = None
+                  ) -> Tuple[Tensor, Tensor]:
+    """Backward of Dice.
+
+    Args:
+        x, grad: ``[M, C]`` contiguous, x's dtype.
+        alpha, mean, var: ``[C]`` fp32: the statistics the forward used (batch ones with
+            ``training``, running ones without).
+        mask: ``[M]`` uint8 or None; count: ``[1]`` int32 valid positions (training only).
+        out: optional ``[M, C]`` buffer for dx.
+
+    Returns:
+        ``(dx [M, C] x.dtype, dalpha [C] fp32)``.
+    """
+    rows, channels = _check_2d(x)
+    assert grad.shape == x.shape and grad.dtype == x.dtype and grad.is_contiguous()
+    _check_channel_vectors(channels, alpha, mean, var)
+    assert not training or (count is not None and count.dtype == torch.int32)
+    dx = _output(out, x)
+    dalpha = torch.empty(channels, dtype=torch.float32, device=x.device)
+    has_mask = training and mask is not None
+    mask_arg = mask if has_mask else x
+    count_arg = count if training else mean
+    config = _one_pass_config(rows, channels, one_pass_max_rows)
+    if config is not None:
+        block_m, block_c, warps = config
+        _dice_backward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
+            x, grad, mask_arg, alpha, mean, var, count_arg, dx, dalpha, rows, channels, eps, HAS_MASK=has_mask,
+            TRAINING=training, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        return dx, dalpha
+    tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
+    channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
+    part_dalpha = torch.empty(num_chunks, channels, dtype=torch.float32, device=x.device)
+    if training:
+        part_s1 = torch.empty_like(part_dalpha)
+        part_s2 = torch.empty_like(part_dalpha)
+        coef_mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+        coef_var = torch.empty_like(coef_mean)
+        _dice_backward_reduce_kernel[(num_chunks, channel_blocks)](
+            x, grad, alpha, mean, var, part_s1, part_s2, part_dalpha, rows, channels, tiles_per_chunk, eps,
+            BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+        _dice_backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
+            part_s1, part_s2, part_dalpha, count, coef_mean, coef_var, dalpha, channels, num_chunks, TRAINING=True,
+            BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS)
+        _dice_backward_apply_kernel[(num_chunks, channel_blocks)](
+            x, grad, mask_arg, alpha, mean, var, coef_mean, coef_var, dx, part_dalpha, rows, channels,
+            tiles_per_chunk, eps, HAS_MASK=has_mask, TRAINING=True, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C,
+            num_warps=MULTI_WARPS)
+        return dx, dalpha
+    _dice_backward_apply_kernel[(num_chunks, channel_blocks)](
+        x, grad, x, alpha, mean, var, mean, var, dx, part_dalpha, rows, channels, tiles_per_chunk, eps,
+        HAS_MASK=False, TRAINING=False, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+    _dice_backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
+        part_dalpha, part_dalpha, part_dalpha, mean, mean, mean, dalpha, channels, num_chunks, TRAINING=False,
+        BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS)
+    return dx, dalpha
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs: every configuration the launchers above can choose.
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _aot_specs():
+    specs = []
+    for dt in _DTYPES:
+        x = f"*{dt}"
+        for has_mask in (False, True):
+            tag = f"{dt}_{'mask' if has_mask else 'nomask'}"
+            for block_m, block_c, warps in ONE_PASS_CONFIGS:
+                specs.append(dict(
+                    name=f"dice_forward_one_pass_{tag}_{block_m}x{block_c}", fn=_dice_forward_one_pass_kernel,
+                    signature=dict(x_ptr=x, mask_ptr="*u8" if has_mask else x, alpha_ptr="*fp32", y_ptr=x,
+                                   mean_ptr="*fp32", var_ptr="*fp32", count_ptr="*i32", run_mean_ptr="*fp32",
+                                   run_var_ptr="*fp32", M="i32", C="i32", momentum="fp32", eps="fp32",
+                                   HAS_MASK="constexpr", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+                    constexprs=dict(HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_C=block_c), num_warps=warps))
+            specs.append(dict(
+                name=f"dice_forward_stats_{tag}", fn=_dice_forward_stats_kernel,
+                signature=dict(x_ptr=x, mask_ptr="*u8" if has_mask else x, part_mean_ptr="*fp32",
+                               part_m2_ptr="*fp32", part_count_ptr="*i32", M="i32", C="i32", tiles_per_chunk="i32",
+                               HAS_MASK="constexpr", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+                constexprs=dict(HAS_MASK=has_mask, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C),
+                num_warps=MULTI_WARPS))
+        specs.append(dict(
+            name=f"dice_forward_apply_{dt}", fn=_dice_forward_apply_kernel,
+            signature=dict(x_ptr=x, alpha_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", y_ptr=x, M="i32", C="i32",
+                           tiles_per_chunk="i32", eps="fp32", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+            constexprs=dict(BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C), num_warps=MULTI_WARPS))
+        specs.append(dict(
+            name=f"dice_backward_reduce_{dt}", fn=_dice_backward_reduce_kernel,
+            signature=dict(x_ptr=x, g_ptr=x, alpha_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+                           part_s1_ptr="*fp32", part_s2_ptr="*fp32", part_dalpha_ptr="*fp32", M="i32", C="i32",
+                           tiles_per_chunk="i32", eps="fp32", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+            constexprs=dict(BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C), num_warps=MULTI_WARPS))
+        # (HAS_MASK, TRAINING): inference ignores the mask.
+        for has_mask, training in ((False, True), (True, True), (False, False)):
+            mode = ("train_mask" if has_mask else "train_nomask") if training else "infer"
+            mask_sig = "*u8" if has_mask else x
+            for block_m, block_c, warps in ONE_PASS_CONFIGS:
+                specs.append(dict(
+                    name=f"dice_backward_one_pass_{dt}_{mode}_{block_m}x{block_c}", fn=_dice_backward_one_pass_kernel,
+                    signature=dict(x_ptr=x, g_ptr=x, mask_ptr=mask_sig, alpha_ptr="*fp32", mean_ptr="*fp32",
+                                   var_ptr="*fp32", count_ptr="*i32" if training else "*fp32", dx_ptr=x,
+                                   dalpha_ptr="*fp32", M="i32", C="i32", eps="fp32", HAS_MASK="constexpr",
+                                   TRAINING="constexpr", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+                    constexprs=dict(HAS_MASK=has_mask, TRAINING=training, BLOCK_M=block_m, BLOCK_C=block_c),
+                    num_warps=warps))
+            specs.append(dict(
+                name=f"dice_backward_apply_{dt}_{mode}", fn=_dice_backward_apply_kernel,
+                signature=dict(x_ptr=x, g_ptr=x, mask_ptr=mask_sig, alpha_ptr="*fp32", mean_ptr="*fp32",
+                               var_ptr="*fp32", coef_mean_ptr="*fp32", coef_var_ptr="*fp32", dx_ptr=x,
+                               part_dalpha_ptr="*fp32", M="i32", C="i32", tiles_per_chunk="i32", eps="fp32",
+                               HAS_MASK="constexpr", TRAINING="constexpr", BLOCK_M="constexpr", BLOCK_C="constexpr"),
+                constexprs=dict(HAS_MASK=has_mask, TRAINING=training, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C),
+                num_warps=MULTI_WARPS))
+    specs.append(dict(
+        name="dice_forward_combine", fn=_dice_forward_combine_kernel,
+        signature=dict(part_mean_ptr="*fp32", part_m2_ptr="*fp32", part_count_ptr="*i32", mean_ptr="*fp32",
+                       var_ptr="*fp32", count_ptr="*i32", run_mean_ptr="*fp32", run_var_ptr="*fp32", C="i32",
+                       num_chunks="i32", momentum="fp32", BLOCK_K="constexpr", BLOCK_C="constexpr"),
+        constexprs=dict(BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C), num_warps=COMBINE_WARPS))
+    for training in (True, False):
+        specs.append(dict(
+            name=f"dice_backward_combine_{'train' if training else 'infer'}", fn=_dice_backward_combine_kernel,
+            signature=dict(part_s1_ptr="*fp32", part_s2_ptr="*fp32", part_dalpha_ptr="*fp32",
+                           count_ptr="*i32" if training else "*fp32", coef_mean_ptr="*fp32", coef_var_ptr="*fp32",
+                           dalpha_ptr="*fp32", C="i32", num_chunks="i32", TRAINING="constexpr", BLOCK_K="constexpr",
+                           BLOCK_C="constexpr"),
+            constexprs=dict(TRAINING=training, BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C),
+            num_warps=COMBINE_WARPS))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -1,0 +1,222 @@
+"""Dice's Triton kernels (run in Triton's interpreter without a GPU) against the float64 reference:
+output, dx, dalpha and the running statistics, on both the one-launch and the multi-pass paths."""
+
+import pytest
+import torch
+
+import din_fast
+from din_fast import reference
+from din_fast.testing import TOLERANCES, assert_close, nan_filled
+
+triton = pytest.importorskip("triton")
+from din_fast.kernels import dice as _k  # noqa: E402
+from din_fast.triton_ops import dice as _ops  # noqa: E402
+
+MOMENTUM = 0.1
+EPS = 1e-8
+
+
+def _inputs(shape, dtype, masked, valid_fraction=0.6):
+    channels = shape[-1]
+    x = torch.randn(shape, dtype=torch.float32).mul_(1.7).add_(0.3).to(dtype)
+    alpha = torch.rand(channels) * 1.5 - 0.25
+    running_mean = torch.randn(channels)
+    running_var = torch.rand(channels) + 0.5
+    mask = (torch.rand(shape[:-1]) < valid_fraction) if masked else None
+    grad = torch.randn(shape, dtype=torch.float32).to(dtype)
+    return x, alpha, running_mean, running_var, mask, grad
+
+
+def _reference(x, alpha, running_mean, running_var, mask, grad, training):
+    """float64 ``(y, dx, dalpha, running_mean, running_var)`` of the reference on copies."""
+    x64 = x.detach().double().requires_grad_()
+    alpha64 = alpha.detach().double().requires_grad_()
+    rm = None if running_mean is None else running_mean.double().clone()
+    rv = None if running_var is None else running_var.double().clone()
+    y = reference.dice(x64, alpha64, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS)
+    dx, dalpha = torch.autograd.grad(y, (x64, alpha64), grad.double())
+    return y, dx, dalpha, rm, rv
+
+
+def _check_public(x, alpha, running_mean, running_var, mask, grad, training, dtype, dalpha_scale=1.0):
+    """Runs ``din_fast.dice(backend="triton")`` and compares everything with the reference."""
+    expected = _reference(x, alpha, running_mean, running_var, mask, grad, training)
+    xt = x.clone().requires_grad_()
+    alphat = alpha.clone().requires_grad_()
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    y = din_fast.dice(xt, alphat, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS, backend="triton")
+    assert y.dtype == x.dtype and y.shape == x.shape
+    y.backward(grad)
+    assert xt.grad.dtype == x.dtype and alphat.grad.dtype == alpha.dtype
+    assert_close(y, expected[0], dtype, "y")
+    assert_close(xt.grad, expected[1], dtype, "dx")
+    # dalpha sums M rounded terms.
+    assert_close(alphat.grad, expected[2], dtype, "dalpha", scale=dalpha_scale)
+    if rm is not None:
+        # The statistics are fp32 whatever the input dtype; only the input rounding differs.
+        assert_close(rm, expected[3], torch.float32, "running_mean")
+        assert_close(rv, expected[4], torch.float32, "running_var")
+    return y, xt.grad, alphat.grad, rm, rv
+
+
+@pytest.fixture(params=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
+def path(request, monkeypatch):
+    """The launchers' path: one launch, or the multi-pass grid with one tile per chunk, or with
+    several tiles merged inside each program."""
+    if request.param != "one_pass":
+        monkeypatch.setattr(_k, "ONE_PASS_MAX_ROWS", 0)
+    if request.param == "multi_pass":
+        monkeypatch.setattr(_k, "MAX_CHUNKS", 10**9)
+    if request.param == "multi_pass_merged_tiles":
+        monkeypatch.setattr(_k, "MAX_CHUNKS", 2)
+    return request.param
+
+
+# [N, C] and [N, T, C]; M = 150 rows spans three 64-row tiles of the multi-pass path and the
+# larger one-launch config; C = 80 spans three channel blocks, C = 13 and 3 a partial one.
+SHAPES = [(150, 80), (5, 30, 13), (3, 7, 3), (1, 40)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_training_matches_reference(shape, masked, path):
+    x, alpha, rm, rv, mask, grad = _inputs(shape, torch.float32, masked)
+    _check_public(x, alpha, rm, rv, mask, grad, True, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(150, 80), (5, 30, 13), (1, 1, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_inference_matches_reference(shape, path):
+    x, alpha, rm, rv, mask, grad = _inputs(shape, torch.float32, True)
+    _, _, _, rm_after, rv_after = _check_public(x, alpha, rm, rv, mask, grad, False, torch.float32)
+    assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_half_precision_inputs(dtype, training, path):
+    # The interpreter upcasts after load like the kernels do, so this checks the fp32 statistics
+    # and the stores in the input dtype; the reference sees the same rounded inputs.
+    x, alpha, rm, rv, mask, grad = _inputs((6, 25, 13), dtype, True)
+    _check_public(x, alpha, rm, rv, mask, grad, training, dtype)
+
+
+def test_single_row():
+    # N = 1: every channel has variance 0, and the unbiased running variance stays 0.
+    x, alpha, rm, rv, _, grad = _inputs((1, 7), torch.float32, False)
+    _, dx, _, _, rv_after = _check_public(x, alpha, rm, rv, None, grad, True, torch.float32)
+    assert torch.isfinite(dx).all()
+    torch.testing.assert_close(rv_after, (1 - MOMENTUM) * rv)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_constant_channel(masked, path):
+    x, alpha, rm, rv, mask, grad = _inputs((5, 30, 6), torch.float32, masked)
+    x[..., 2] = 0.7
+    y, dx, dalpha, _, rv_after = _check_public(x, alpha, rm, rv, mask, grad, True, torch.float32)
+    for value in (y, dx, dalpha):
+        assert torch.isfinite(value).all()
+    assert rv_after[2] == pytest.approx((1 - MOMENTUM) * rv[2].item(), rel=1e-6)
+
+
+def test_all_false_mask_leaves_running_stats(path):
+    x, alpha, rm, rv, _, grad = _inputs((5, 30, 13), torch.float32, False)
+    mask = torch.zeros(5, 30, dtype=torch.bool)
+    y, dx, dalpha, rm_after, rv_after = _check_public(x, alpha, rm, rv, mask, grad, True, torch.float32)
+    assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
+    for value in (y, dx, dalpha):
+        assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_empty_batch(training, path):
+    x, alpha, rm, rv, mask, grad = _inputs((0, 5), torch.float32, True)
+    _, _, dalpha, rm_after, rv_after = _check_public(x, alpha, rm, rv, mask, grad, training, torch.float32)
+    assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
+    assert torch.equal(dalpha, torch.zeros_like(alpha))
+
+
+def test_untracked_running_stats(path):
+    x, alpha, _, _, mask, grad = _inputs((4, 9, 5), torch.float32, True)
+    _check_public(x, alpha, None, None, mask, grad, True, torch.float32)
+
+
+def test_many_chunks(monkeypatch):
+    # 38 chunks of one 64-row tile: the combine kernels take two 32-chunk steps.
+    monkeypatch.setattr(_k, "ONE_PASS_MAX_ROWS", 0)
+    monkeypatch.setattr(_k, "MAX_CHUNKS", 10**9)
+    x, alpha, rm, rv, mask, grad = _inputs((2400, 3), torch.float32, True)
+    _check_public(x, alpha, rm, rv, mask, grad, True, torch.float32)
+
+
+@pytest.mark.parametrize("one_pass_max_rows, tiles_per_chunk", [(None, None), (0, 1), (0, 2)],
+                         ids=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked):
+    rows, channels = 150, 13
+    x, alpha, rm, rv, mask, grad = _inputs((rows, channels), torch.float32, masked)
+    y_ref, dx_ref, dalpha_ref, rm_ref, rv_ref = _reference(x, alpha, rm, rv, mask, grad, True)
+    mask8 = None if mask is None else mask.view(torch.uint8)
+    options = dict(one_pass_max_rows=one_pass_max_rows, tiles_per_chunk=tiles_per_chunk)
+    y_out = nan_filled((rows, channels), torch.float32, x.device)
+    y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out, **options)
+    assert y is y_out
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(rm, rm_ref, torch.float32, "running_mean")
+    assert_close(rv, rv_ref, torch.float32, "running_var")
+    keep = torch.ones(rows, dtype=torch.bool) if mask is None else mask
+    assert int(count.item()) == int(keep.sum())
+    assert_close(mean, x.double()[keep].mean(0), torch.float32, "mean")
+    assert_close(var, x.double()[keep].var(0, unbiased=False), torch.float32, "var")
+    dx_out = nan_filled((rows, channels), torch.float32, x.device)
+    dx, dalpha = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, True, EPS, out=dx_out, **options)
+    assert dx is dx_out
+    assert_close(dx, dx_ref, torch.float32, "dx")
+    assert_close(dalpha, dalpha_ref, torch.float32, "dalpha")
+    # Inference launchers, on the running statistics just produced.
+    y_ref, dx_ref, dalpha_ref, _, _ = _reference(x, alpha, rm, rv, None, grad, False)
+    y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=nan_filled((rows, channels), torch.float32, x.device),
+                                  tiles_per_chunk=tiles_per_chunk)
+    assert_close(y, y_ref, torch.float32, "y (inference)")
+    dx, dalpha = _k.dice_backward(x, grad, alpha, None, rm, rv, None, False, EPS,
+                                  out=nan_filled((rows, channels), torch.float32, x.device), **options)
+    assert_close(dx, dx_ref, torch.float32, "dx (inference)")
+    assert_close(dalpha, dalpha_ref, torch.float32, "dalpha (inference)")
+
+
+def test_rejects_float64():
+    x, alpha, rm, rv, _, _ = _inputs((4, 3), torch.float64, False)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        din_fast.dice(x, alpha, rm, rv, training=True, backend="triton")
+
+
+def test_custom_op_registrations():
+    x, alpha, rm, rv, mask, _ = _inputs((6, 3), torch.float32, True)
+    samples = [
+        (x.requires_grad_(), alpha.requires_grad_(), rm, rv, mask, True, MOMENTUM, EPS),
+        (x, alpha, None, None, None, True, MOMENTUM, EPS),
+        (x, alpha, rm, rv, None, False, MOMENTUM, EPS),
+    ]
+    for args in samples:
+        torch.library.opcheck(_ops._dice_forward, args)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    x, alpha, rm, rv, mask, grad = _inputs((3, 5, 7), torch.float32, True)
+
+    def step(x, alpha, running_mean, running_var, mask):
+        return _ops.dice(x, alpha, running_mean, running_var, mask, training=True) * 2.0
+
+    explanation = torch._dynamo.explain(step)(x, alpha, rm.clone(), rv.clone(), mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        xt, alphat = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        running = (rm.clone(), rv.clone())
+        y = fn(xt, alphat, *running, mask)
+        y.backward(grad)
+        results.append((y, xt.grad, alphat.grad) + running)
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+    assert not torch.equal(results[1][3], rm)
