@@ -65,8 +65,14 @@ class _DiceFunction(torch.autograd.Function):
             return grad_x + grad_x_hat * rstd, grad_alpha, None, None, None, None
         # Every position's output depends on the batch mean and variance; only kept positions
         # feed them: d x_i += keep_i / n * (-rstd * sum(g) - rstd * x_hat_i * sum(g * x_hat)).
-        batch_terms = (grad_x_hat.sum(0) + x_hat * (grad_x_hat * x_hat).sum(0)) / count.clamp(min=1).to(x.dtype)
-        grad_x_hat = grad_x_hat - torch.where(keep[:, None], batch_terms, x.new_zeros(()))
+        # The kept x_hat sum to 0 in exact arithmetic; re-centering them removes the rounding of
+        # the mean, which rstd (up to eps ** -0.5) would otherwise amplify in these terms.
+        zero = x.new_zeros(())
+        denom = count.clamp(min=1).to(x.dtype)
+        kept_x_hat = torch.where(keep[:, None], x_hat, zero)
+        x_hat = x_hat - kept_x_hat.sum(0) / denom
+        batch_terms = (grad_x_hat.sum(0) + x_hat * (grad_x_hat * x_hat).sum(0)) / denom
+        grad_x_hat = grad_x_hat - torch.where(keep[:, None], batch_terms, zero)
         return grad_x + grad_x_hat * rstd, grad_alpha, None, None, None, None
 
 
@@ -129,23 +135,39 @@ def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, soft
     return torch.where(valid, torch.softmax(logits, dim=-1), logits.new_zeros(()))
 
 
+# Pack the valid positions when at most this fraction of B * T is valid: the packed first layer
+# costs 2 * D * H1 per valid key against the fold's D * H1 per position.
+PACK_MAX_VALID_FRACTION = 0.75
+
+
 class _PointwiseAttention(torch.autograd.Function):
-    """Folded attention pooling for the pointwise activations (sigmoid, relu, prelu) with a
+    """Attention pooling for the pointwise activations (sigmoid, relu, prelu) with a
     hand-written backward.
 
     Activations are applied in place and differentiated from their saved outputs, so each hidden
-    layer keeps one ``[B*T, H]`` tensor instead of autograd's several, and no large temporary is
-    allocated twice. Dice needs batch statistics and goes through autograd instead.
+    layer keeps one ``[R, H]`` tensor instead of autograd's several. The MLP runs on ``R`` rows:
+    all ``B * T`` positions, with the first layer folded per sample (``u_b + k M_b``), or, when
+    few are valid, only the valid positions (packed), with the first layer as one product
+    ``[k, k * q_b] [Wk - Wd | Wp]^T + u_b``. Dice needs batch statistics and goes through
+    autograd instead.
     """
 
     @staticmethod
-    def forward(ctx, query, keys, valid, activation, normalization, softmax_scale, n_layers, *params):
+    def forward(ctx, query, keys, valid, packed_rows, activation, normalization, softmax_scale, n_layers, *params):
+        """``packed_rows``: int64 ``[N]`` flat indices of the valid positions to pack, or None."""
         weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
         batch, seq_len, dim = keys.shape
         w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-        folded = w_k.t() + query[:, :, None] * w_p.t()
-        # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
-        h = torch.bmm(keys, folded).add_(F.linear(query, w_u, biases[0])[:, None, :]).view(batch * seq_len, -1)
+        per_sample = F.linear(query, w_u, biases[0])
+        if packed_rows is None:
+            first_layer_input = w_k.t() + query[:, :, None] * w_p.t()
+            # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
+            h = torch.bmm(keys, first_layer_input).add_(per_sample[:, None, :]).view(batch * seq_len, -1)
+        else:
+            sample = packed_rows // seq_len
+            key_rows = keys.reshape(-1, dim).index_select(0, packed_rows)
+            first_layer_input = torch.cat([key_rows, key_rows * query.index_select(0, sample)], dim=1)
+            h = torch.addmm(per_sample.index_select(0, sample), first_layer_input, torch.cat([w_k, w_p], 1).t())
         hidden, pre_activations = [], []
         for i in range(n_layers - 1):
             if i:
@@ -158,19 +180,22 @@ class _PointwiseAttention(torch.autograd.Function):
                 pre_activations.append(h)
                 h = torch.where(h >= 0, h, slopes[i] * h)
             hidden.append(h)
-        scores = F.linear(h, weights[-1], biases[-1]).view(batch, seq_len)
-        attn = _normalize(scores, valid, normalization, softmax_scale)
+        scores = F.linear(h, weights[-1], biases[-1]).view(-1)
+        if packed_rows is not None:
+            scores = scores.new_zeros(batch * seq_len).index_copy_(0, packed_rows, scores)
+        attn = _normalize(scores.view(batch, seq_len), valid, normalization, softmax_scale)
         values = keys if valid is None else torch.where(valid[..., None], keys, keys.new_zeros(()))
         pooled = torch.bmm(attn[:, None, :], values)[:, 0]
         ctx.config = (activation, normalization, softmax_scale, n_layers)
-        ctx.save_for_backward(query, keys, valid, folded, attn, values, *hidden, *pre_activations, *params)
+        ctx.save_for_backward(query, keys, valid, packed_rows, first_layer_input, attn, values, *hidden,
+                              *pre_activations, *params)
         return pooled, attn
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pooled, grad_attn):
         activation, normalization, softmax_scale, n_layers = ctx.config
-        query, keys, valid, folded, attn, values, *rest = ctx.saved_tensors
+        query, keys, valid, packed_rows, first_layer_input, attn, values, *rest = ctx.saved_tensors
         n_hidden = n_layers - 1
         hidden = rest[:n_hidden]
         pre_activations = rest[n_hidden:2 * n_hidden] if activation == "prelu" else ()
@@ -190,7 +215,10 @@ class _PointwiseAttention(torch.autograd.Function):
         else:
             grad_scores = torch.where(valid, grad_weights_of_attn, grad_weights_of_attn.new_zeros(()))
 
-        grad_scores = grad_scores.reshape(-1, 1)
+        grad_scores = grad_scores.reshape(-1)
+        if packed_rows is not None:
+            grad_scores = grad_scores.index_select(0, packed_rows)
+        grad_scores = grad_scores[:, None]
         grads_w, grads_b, grads_slope = [None] * n_layers, [None] * n_layers, [None] * len(slopes)
         grads_w[-1] = grad_scores.t() @ hidden[-1]
         grads_b[-1] = grad_scores.sum(0)
@@ -212,19 +240,43 @@ class _PointwiseAttention(torch.autograd.Function):
                 grads_b[i] = grad_h.sum(0)
                 grad_h = grad_h @ weights[i]
 
-        grad_h1 = grad_h.view(batch, seq_len, -1)
-        grad_u = grad_h1.sum(1)
-        grads_b[0] = grad_u.sum(0)
-        grad_folded = torch.bmm(keys.transpose(1, 2), grad_h1)
-        grad_keys = torch.baddbmm(attn[:, :, None] * grad_pooled[:, None, :], grad_h1, folded.transpose(1, 2))
+        grads_b[0] = grad_h.sum(0)
         w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-        grad_query = grad_u @ w_u + torch.einsum("bdh,hd->bd", grad_folded, w_p)
-        grad_w_u = grad_u.t() @ query
-        grad_w_k = grad_folded.sum(0).t()
-        grad_w_p = torch.einsum("bdh,bd->hd", grad_folded, query)
+        grad_keys = attn[:, :, None] * grad_pooled[:, None, :]
+        if packed_rows is None:
+            grad_h1 = grad_h.view(batch, seq_len, -1)
+            grad_per_sample = grad_h1.sum(1)
+            grad_folded = torch.bmm(keys.transpose(1, 2), grad_h1)
+            grad_keys = grad_keys.baddbmm_(grad_h1, first_layer_input.transpose(1, 2))
+            grad_query = torch.einsum("bdh,hd->bd", grad_folded, w_p)
+            grad_w_k = grad_folded.sum(0).t()
+            grad_w_p = torch.einsum("bdh,bd->hd", grad_folded, query)
+        else:
+            sample = packed_rows // seq_len
+            grad_per_sample = grad_h.new_zeros(batch, grad_h.shape[1]).index_add_(0, sample, grad_h)
+            grad_input = grad_h @ torch.cat([w_k, w_p], 1)
+            grad_w_k, grad_w_p = (grad_h.t() @ first_layer_input).split(dim, dim=1)
+            key_rows = first_layer_input[:, :dim]
+            grad_key_rows = grad_input[:, dim:].mul(query.index_select(0, sample)).add_(grad_input[:, :dim])
+            grad_keys = grad_keys.view(-1, dim).index_add_(0, packed_rows, grad_key_rows).view(batch, seq_len, dim)
+            grad_query = grad_h.new_zeros(batch, dim).index_add_(0, sample, grad_input[:, dim:] * key_rows)
+        grad_query = grad_query.addmm_(grad_per_sample, w_u)
+        grad_w_u = grad_per_sample.t() @ query
         # W1 = [Wq | Wk | Wd | Wp] enters as Wu = Wq + Wd and Wk' = Wk - Wd.
         grads_w[0] = torch.cat([grad_w_u, grad_w_k, grad_w_u - grad_w_k, grad_w_p], dim=1)
-        return (grad_query, grad_keys, None, None, None, None, None, *grads_w, *grads_b, *grads_slope)
+        return (grad_query, grad_keys, None, None, None, None, None, None, *grads_w, *grads_b, *grads_slope)
+
+
+def _rows_to_pack(valid: Optional[Tensor]) -> Optional[Tensor]:
+    """Flat indices of the valid positions when packing pays (see ``PACK_MAX_VALID_FRACTION``).
+
+    Reading the count syncs with the device, and the packed size is data-dependent, so nothing
+    is packed while ``torch.compile`` traces.
+    """
+    if valid is None or torch.compiler.is_compiling():
+        return None
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    return rows if rows.numel() <= PACK_MAX_VALID_FRACTION * valid.numel() else None
 
 
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
@@ -241,8 +293,8 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
         mask = torch.arange(seq_len, device=keys.device)[None, :] < lengths[:, None]
     if activation != "dice":
         slopes = tuple(layer[0] for layer in act_params) if activation == "prelu" else ()
-        return _PointwiseAttention.apply(query, keys, mask, activation, normalization, softmax_scale, len(weights),
-                                         *weights, *biases, *slopes)
+        return _PointwiseAttention.apply(query, keys, mask, _rows_to_pack(mask), activation, normalization,
+                                         softmax_scale, len(weights), *weights, *biases, *slopes)
     w_u, w_k, w_p = _split_first_layer(weights[0], query.shape[-1])
     u = F.linear(query, w_u, biases[0])
     folded = w_k.t() + query[:, :, None] * w_p.t()

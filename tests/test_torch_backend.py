@@ -218,3 +218,19 @@ def test_functional_api_dispatches_to_torch_backend():
                                      backend="torch")
     for a, b in zip(direct, dispatched):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_packed_and_folded_first_layers_agree(monkeypatch, activation, normalization):
+    """The same batch through the per-sample fold (nothing packed) and through the packed valid
+    positions, both against the float64 reference, outputs and every gradient."""
+    shape = (5, 6, 18, (16, 8), [6, 0, 3, 1, 5])
+    case = _attention_case(shape, activation, torch.float64)
+    options = dict(lengths=case[5], activation=activation, normalization=normalization, softmax_scale=0.5)
+    expected = _run(R.attention_pooling, *_detached_leaves(case[:5]), **options)
+    for fraction in (0.0, 1.0):
+        monkeypatch.setattr(torch_ops, "PACK_MAX_VALID_FRACTION", fraction)
+        pooled, attn, grads = _run(torch_ops.attention_pooling, *_detached_leaves(case[:5]), **options)
+        for i, (value, ref) in enumerate(zip([pooled, attn, *grads], [expected[0], expected[1], *expected[2]])):
+            assert_close(value, ref, torch.float64, f"fraction {fraction}, output {i}")
