@@ -3,12 +3,15 @@
 from .backend import BACKENDS, resolve_backend
 from .functional import attention_pooling, dice, local_activation_scores, mba_penalty, score_candidates
 from .frequency import FeatureCounter, count_features
+from .models import DIN, BaseModel
 from .modules import AttentionPooling, Dice, LocalActivationUnit, MBARegularizer
 from .optim import MBASGD, mba_sgd_fused_, mba_sgd_step_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIN",
+    "BaseModel",
     "AttentionPooling",
     "Dice",
     "LocalActivationUnit",
