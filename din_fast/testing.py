@@ -39,26 +39,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{name}: {m}")
 
 
-def assert_close_conditioned(actual: torch.Tensor, expected: torch.Tensor, same_dtype_reference: torch.Tensor,
-                             dtype: torch.dtype, name: str = "", factor: float = 4.0) -> None:
-    """Like ``assert_close``, for ill-conditioned cases (Dice statistics over a handful of
-    positions, where ``1/sqrt(Var + eps)`` amplifies the input's rounding).
-
-    Passes when ``actual`` is within ``TOLERANCES[dtype]`` of the float64 ``expected``, or when its
-    largest error is at most ``factor`` times that of ``same_dtype_reference``: the reference
-    math itself run in ``dtype``. A wrong result has errors of order 1 and fails either way.
-    """
-    try:
-        assert_close(actual, expected, dtype, name)
-    except AssertionError:
-        truth = expected.detach().to(torch.float64).cpu()
-        error = (actual.detach().to(torch.float64).cpu() - truth).abs().max().item()
-        baseline = (same_dtype_reference.detach().to(torch.float64).cpu() - truth).abs().max().item()
-        if not error <= factor * baseline:
-            raise AssertionError(f"{name}: largest error {error:.3g} exceeds both the {dtype} tolerance and "
-                                 f"{factor} x the {dtype} reference's own error {baseline:.3g}") from None
-
-
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so elements a kernel forgets to write show up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

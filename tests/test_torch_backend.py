@@ -1,14 +1,12 @@
 """The torch backend against the float64 reference: outputs, running statistics and every gradient."""
 
-import functools
-
 import pytest
 import torch
 
 from din_fast import functional as F
 from din_fast import reference as R
 from din_fast import torch_ops
-from din_fast.testing import assert_close, assert_close_conditioned, float64_copies, random_attention_mlp
+from din_fast.testing import assert_close, float64_copies, random_attention_mlp
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -36,6 +34,18 @@ def _attention_case(shape, activation, dtype):
     query = torch.randn(batch, dim, dtype=dtype, requires_grad=True)
     keys = torch.randn(batch, seq_len, dim, dtype=dtype, requires_grad=True)
     return query, keys, weights, biases, act_params, torch.tensor(lengths)
+
+
+def _dice_eps(dtype, training):
+    """Dice's eps for a comparison in ``dtype``.
+
+    Batch statistics over a few positions can have a variance near 0, and then ``1/sqrt(Var +
+    eps)`` (up to 1e4 with the paper's eps of 1e-8) amplifies every rounding error: the float32
+    result of any algorithm, the literal one included, is then noise. Such cases are checked
+    with the paper's eps in float64, where the amplified rounding stays far below the tolerance,
+    and with eps = 1e-3 (amplification at most ~30) in lower precision.
+    """
+    return 1e-8 if dtype == torch.float64 or not training else 1e-3
 
 
 def _detached_leaves(tensors):
@@ -70,23 +80,15 @@ def test_attention_pooling_matches_reference(dtype, shape, activation, normaliza
     query, keys, weights, biases, act_params, lengths = case
     ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
     options = dict(lengths=lengths, activation=activation, normalization=normalization,
-                   softmax_scale=softmax_scale, dice_stats=dice_stats, training=training)
+                   softmax_scale=softmax_scale, dice_stats=dice_stats, training=training,
+                   eps=_dice_eps(dtype, training))
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
                                            ref_act, **options)
-    if activation == "dice" and training and dtype != torch.float64:
-        # Batch statistics over a few positions are ill-conditioned in low precision: allow the
-        # error of the reference math itself run in this dtype.
-        same_dtype = _run(R.attention_pooling, *_detached_leaves(case[:5]), **options)
-        check = functools.partial(assert_close_conditioned, dtype=dtype)
-        outputs = zip([pooled, attn, *grads], [ref_pooled, ref_attn, *ref_grads], same_dtype[:2] + same_dtype[2])
-        for i, (value, ref_value, low) in enumerate(outputs):
-            check(value, ref_value, low, name=f"output {i}")
-    else:
-        assert_close(pooled, ref_pooled, dtype, "pooled")
-        assert_close(attn, ref_attn, dtype, "weights")
-        for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
-            assert_close(g, ref_g, dtype, f"gradient {i}")
+    assert_close(pooled, ref_pooled, dtype, "pooled")
+    assert_close(attn, ref_attn, dtype, "weights")
+    for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, ref_g, dtype, f"gradient {i}")
     for layer, ref_layer in zip(act_params, ref_act):
         for stat, ref_stat in zip(layer[1:], ref_layer[1:]):
             assert_close(stat, ref_stat, dtype, "running statistic")
@@ -129,24 +131,15 @@ def test_dice_matches_reference(dtype, shape, masked, training):
     stats = [0.1 * torch.randn(channels, dtype=dtype), 0.5 + torch.rand(channels, dtype=dtype)]
     mask = torch.rand(shape[:-1]) > 0.4 if masked else None
     ref_x, ref_alpha, ref_stats = float64_copies([x, alpha, stats])
-    y = torch_ops.dice(x, alpha, *stats, mask, training=training, momentum=0.3)
-    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=training, momentum=0.3)
+    eps = _dice_eps(dtype, training)
+    y = torch_ops.dice(x, alpha, *stats, mask, training=training, momentum=0.3, eps=eps)
+    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=training, momentum=0.3, eps=eps)
     cotangent = torch.randn(shape, dtype=torch.float64)
     grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), [x, alpha])
     ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), [ref_x, ref_alpha])
-    if training and dtype != torch.float64:
-        # Statistics over a few positions are ill-conditioned in low precision: allow the error
-        # of the reference math itself run in this dtype.
-        low_x, low_alpha = (t.detach().clone().requires_grad_() for t in (x, alpha))
-        low_y = R.dice(low_x, low_alpha, None, None, mask, training=True)
-        low_grads = torch.autograd.grad((low_y * cotangent.to(dtype)).sum(), [low_x, low_alpha])
-        for name, value, ref_value, low in zip(["y", "dx", "dalpha"], [y, *grads], [ref_y, *ref_grads],
-                                               [low_y, *low_grads]):
-            assert_close_conditioned(value, ref_value, low, dtype, name)
-    else:
-        assert_close(y, ref_y, dtype, "y")
-        assert_close(grads[0], ref_grads[0], dtype, "dx")
-        assert_close(grads[1], ref_grads[1], dtype, "dalpha")
+    assert_close(y, ref_y, dtype, "y")
+    assert_close(grads[0], ref_grads[0], dtype, "dx")
+    assert_close(grads[1], ref_grads[1], dtype, "dalpha")
     assert_close(stats[0], ref_stats[0], dtype, "running_mean")
     assert_close(stats[1], ref_stats[1], dtype, "running_var")
 
