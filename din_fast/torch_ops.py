@@ -41,54 +41,57 @@ class _DiceFunction(torch.autograd.Function):
     Autograd through the batch statistics adds and then subtracts terms of size ``rstd * g``; when
     a channel's variance is near 0 (``rstd`` up to ``eps ** -0.5``) that cancellation wipes out
     float32 gradients. The closed form combines the statistics terms before they meet the small
-    direct term, and saves only ``x`` and per-channel statistics (``p`` is recomputed).
+    direct term. Only ``x`` and per-channel statistics are saved (the gate is recomputed), and
+    both passes work in place on a few temporaries: at these sizes the CPU time goes to memory.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, mean, rstd, keep, count):
-        """x [M, C]; alpha, mean, rstd [C]; keep [M] bool or None (None: statistics from the
-        running values, no batch terms in backward); count [] positions behind the statistics."""
-        gate = torch.sigmoid((x - mean) * rstd)
+    def forward(ctx, x, alpha, mean, rstd, batch_stats, keep, count):
+        """x [M, C]; alpha, mean, rstd [C]; batch_stats: whether mean and rstd are this batch's
+        (their gradient terms apply); keep [M] bool: the positions behind them (None: all);
+        count []: how many."""
+        ctx.batch_stats = batch_stats
         ctx.save_for_backward(x, alpha, mean, rstd, keep, count)
-        return x * (alpha + (1 - alpha) * gate)
+        return (x - mean).mul_(rstd).sigmoid_().mul_(1 - alpha).add_(alpha).mul_(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, alpha, mean, rstd, keep, count = ctx.saved_tensors
-        x_hat = (x - mean) * rstd
+        x_hat = (x - mean).mul_(rstd)
         gate = torch.sigmoid(x_hat)
-        grad_alpha = (grad_y * x * (1 - gate)).sum(0)
-        grad_x_hat = grad_y * x * (1 - alpha) * gate * (1 - gate)
-        grad_x = grad_y * (alpha + (1 - alpha) * gate)
-        if keep is None:
-            return grad_x + grad_x_hat * rstd, grad_alpha, None, None, None, None
-        # Every position's output depends on the batch mean and variance; only kept positions
-        # feed them: d x_i += keep_i / n * (-rstd * sum(g) - rstd * x_hat_i * sum(g * x_hat)).
-        # The kept x_hat sum to 0 in exact arithmetic; re-centering them removes the rounding of
-        # the mean, which rstd (up to eps ** -0.5) would otherwise amplify in these terms.
-        zero = x.new_zeros(())
-        denom = count.clamp(min=1).to(x.dtype)
-        kept_x_hat = torch.where(keep[:, None], x_hat, zero)
-        x_hat = x_hat - kept_x_hat.sum(0) / denom
-        batch_terms = (grad_x_hat.sum(0) + x_hat * (grad_x_hat * x_hat).sum(0)) / denom
-        grad_x_hat = grad_x_hat - torch.where(keep[:, None], batch_terms, zero)
-        return grad_x + grad_x_hat * rstd, grad_alpha, None, None, None, None
+        grad_y_x = grad_y * x
+        grad_x_hat = grad_y_x * gate
+        grad_alpha = grad_y_x.sum(0) - grad_x_hat.sum(0)
+        grad_x_hat = grad_x_hat.addcmul_(grad_x_hat, gate, value=-1).mul_(1 - alpha)
+        grad_x = gate.mul_(1 - alpha).add_(alpha).mul_(grad_y)
+        if ctx.batch_stats:
+            # Every position's output depends on the batch mean and variance; only kept
+            # positions feed them: d x_hat_i -= keep_i / n * (sum(g) + x_hat_i * sum(g * x_hat)).
+            # The kept x_hat sum to 0 in exact arithmetic; re-centering them removes the
+            # rounding of the mean, which rstd (up to eps ** -0.5) would otherwise amplify.
+            denom = count.clamp(min=1).to(x.dtype)
+            kept_x_hat = x_hat if keep is None else torch.where(keep[:, None], x_hat, x.new_zeros(()))
+            x_hat = x_hat.sub_(kept_x_hat.sum(0) / denom)
+            correction = x_hat.mul_((grad_x_hat * x_hat).sum(0)).add_(grad_x_hat.sum(0)).div_(denom)
+            if keep is not None:
+                correction = correction.masked_fill_(~keep[:, None], 0)
+            grad_x_hat = grad_x_hat.sub_(correction)
+        return grad_x.add_(grad_x_hat.mul_(rstd)), grad_alpha, None, None, None, None, None
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8) -> Tensor:
     """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``."""
     flat = x.reshape(-1, x.shape[-1])
+    keep = None if mask is None else mask.reshape(-1)
     if training:
-        keep = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
-        mean, var, count = _masked_mean_var(flat, None if mask is None else keep)
+        mean, var, count = _masked_mean_var(flat, keep)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        keep, count = None, None
-        mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
+        mean, var, count = running_mean.to(x.dtype), running_var.to(x.dtype), None
     rstd = torch.rsqrt(var + eps)
-    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, keep, count).reshape(x.shape)
+    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count).reshape(x.shape)
 
 
 def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: Optional[Tensor], training: bool,
