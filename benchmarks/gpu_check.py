@@ -1,0 +1,371 @@
+"""One command for a lent GPU: native kernel tests, full-size checks against float64, benchmarks.
+
+``PYTHONPATH=. python -m benchmarks.gpu_check --out $OUT`` runs from the source tree with no
+network, in three stages, and writes everything flat under ``--out`` (7 files):
+
+1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
+   natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
+2. ``checks.jsonl``: the triton backend against the reference run in float64 on canonical full
+   sizes (attention pooling B=1024 T=100 D=36 with ragged lengths, Dice 409600x40, serving
+   C=200 T=100 D=36, the fused MBA step K=1M D=64 on 4096x101 Zipf ids), in float32, bfloat16 and
+   float16: output and every gradient, as the relative error ``||out - ref|| / ||ref||`` against
+   a per-dtype bound; NaN never passes.
+3. ``bench.jsonl``, ``bench.csv``: the benchmark grid of ``benchmarks.run`` (reference,
+   torch.compile, torch, triton; forward and forward+backward; float32 and one bfloat16 shape),
+   stopped after ``--bench-budget`` seconds (default 330: the whole command fits in about
+   6 minutes plus compile time).
+
+``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
+The exit status is non-zero when a test or a check failed.
+
+``--dry-run`` runs all of it on the CPU with tiny shapes and Triton's interpreter, so that CI
+exercises the script: the test stage only collects the tests (running them under the
+interpreter is the ordinary test suite's job), the checks and benchmarks run for real on tiny
+shapes, and the compile provider is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+# Smooth activations only: with PReLU or ReLU a pre-activation within rounding of 0 can land on
+# the other side of the kink in the fast path, which flips one derivative and moves a gradient
+# row by far more than rounding (seen on the CPU between the fold and the concat form).
+# Relative error bounds against float64, per dtype. fp32 products run in IEEE mode in our
+# kernels (far under 1e-4); 16-bit inputs and outputs carry their own rounding (2^-8, 2^-11).
+REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the kernel tests, natively
+# ----------------------------------------------------------------------------------------------
+
+
+def kernel_test_files() -> List[str]:
+    files = sorted(str(p.relative_to(_ROOT)) for p in (_ROOT / "tests").glob("test_triton_*.py"))
+    if (_ROOT / "tests" / "test_mba.py").exists():
+        files.append("tests/test_mba.py")
+    return files
+
+
+def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, object]:
+    files = kernel_test_files()
+    if not files:
+        return dict(stage="tests", ok=True, summary="no kernel test files")
+    env = dict(os.environ)
+    if not dry_run:
+        env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
+               f"--junitxml={out / 'junit.xml'}"]
+    if dry_run:
+        command.append("--collect-only")
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        log, returncode = result.stdout + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as err:
+        log = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        log += f"\n*** pytest stopped after {timeout_s:.0f} s ***\n"
+        returncode = -1
+    (out / "pytest.log").write_text(" ".join(command) + "\n\n" + log)
+    last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+    return dict(stage="tests", ok=returncode == 0, summary=f"{' '.join(files)}: {last[0]} "
+                f"({time.perf_counter() - start:.0f} s)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: full-size checks against float64
+# ----------------------------------------------------------------------------------------------
+
+
+def rel_err(actual, expected) -> float:
+    import torch
+    a, e = actual.detach().to(torch.float64).cpu(), expected.detach().to(torch.float64).cpu()
+    if torch.isnan(a).any() or torch.isinf(a).any():
+        return float("nan")
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _compare(record_base: dict, names: Sequence[str], actual, expected, bound: float) -> List[dict]:
+    records = []
+    for name, a, e in zip(names, actual, expected):
+        err = rel_err(a, e)
+        records.append(dict(record_base, tensor=name, rel_err=err, bound=bound, ok=bool(err <= bound)))
+    return records
+
+
+def _attention_check(shape, dtype, device, activation, normalization, training):
+    import torch
+    from din_fast import functional, reference
+    from .run import HIDDEN, attention_params
+
+    batch, seq_len, dim = shape["B"], shape["T"], shape["D"]
+    query = torch.randn(batch, dim, device=device, dtype=torch.float64).to(dtype)
+    keys = torch.randn(batch, seq_len, dim, device=device, dtype=torch.float64).to(dtype)
+    lengths = torch.randint(0, seq_len + 1, (batch,), device=device)
+    lengths[0], lengths[-1] = 0, seq_len
+    weights, biases, act_params = attention_params(dim, HIDDEN, activation, dtype, device)
+    grad_pooled = torch.randn(batch, dim, device=device, dtype=torch.float64).to(dtype)
+
+    def run(fn, cast):
+        q, k = (cast(t).detach().requires_grad_() for t in (query, keys))
+        ws = [cast(w).detach().requires_grad_() for w in weights]
+        bs = [cast(b).detach().requires_grad_() for b in biases]
+        # Dice's running statistics are buffers: the float64 copy must start from the same values.
+        aps = [tuple([cast(p[0]).detach().requires_grad_()] + [cast(x).clone() for x in p[1:]]) if p else ()
+               for p in act_params]
+        pooled, attn = fn(q, k, ws, bs, lengths=lengths, activation=activation, act_params=aps,
+                          normalization=normalization, training=training)
+        leaves = [q, k, *ws, *bs] + [p[0] for p in aps if p]
+        grads = torch.autograd.grad(pooled, leaves, cast(grad_pooled))
+        return [pooled, attn, *grads]
+
+    names = ["pooled", "weights", "grad_query", "grad_keys"] + [f"grad_W{i + 1}" for i in range(len(weights))] + \
+        [f"grad_b{i + 1}" for i in range(len(biases))] + [f"grad_act{i + 1}" for i, p in enumerate(act_params) if p]
+    fast = run(lambda *a, **k: functional.attention_pooling(*a, backend="triton", **k), lambda t: t)
+    ref = run(reference.attention_pooling, lambda t: t.to(torch.float64))
+    if normalization == "softmax":
+        # Softmax ignores a shift of every score, so the score layer's bias has an exactly zero
+        # gradient: only rounding is left on both sides and a relative error means nothing.
+        drop = names.index(f"grad_b{len(biases)}")
+        names, fast, ref = ([x for i, x in enumerate(seq) if i != drop] for seq in (names, fast, ref))
+    return names, fast, ref
+
+
+def _dice_check(shape, dtype, device):
+    import torch
+    from din_fast import functional, reference
+    rows, channels = shape["N"], shape["C"]
+    x = (torch.randn(rows, channels, device=device, dtype=torch.float64) * 1.7 + 0.3).to(dtype)
+    alpha = torch.rand(channels, device=device) * 1.5 - 0.25
+    grad = torch.randn(rows, channels, device=device, dtype=torch.float64).to(dtype)
+
+    def run(fn, cast):
+        xx = cast(x).detach().requires_grad_()
+        aa = (alpha.double() if cast(x).dtype == torch.float64 else alpha).detach().requires_grad_()
+        running_mean = torch.zeros(channels, device=device, dtype=aa.dtype)
+        running_var = torch.ones(channels, device=device, dtype=aa.dtype)
+        y = fn(xx, aa, running_mean, running_var, None, training=True)
+        return [y, *torch.autograd.grad(y, [xx, aa], cast(grad)), running_mean, running_var]
+
+    fast = run(lambda *a, **k: functional.dice(*a, backend="triton", **k), lambda t: t)
+    ref = run(reference.dice, lambda t: t.to(torch.float64))
+    return ["y", "grad_x", "grad_alpha", "running_mean", "running_var"], fast, ref
+
+
+def _serving_check(shape, dtype, device):
+    import torch
+    from din_fast import functional, reference
+    from .run import HIDDEN, attention_params
+    history = torch.randn(shape["T"], shape["D"], device=device, dtype=torch.float64).to(dtype)
+    cands = torch.randn(shape["C"], shape["D"], device=device, dtype=torch.float64).to(dtype)
+    weights, biases, act_params = attention_params(shape["D"], HIDDEN, "sigmoid", dtype, device)
+    with torch.no_grad():
+        fast = functional.score_candidates(history, cands, weights, biases, activation="sigmoid",
+                                           act_params=act_params, backend="triton")
+        to64 = lambda ts: [t.to(torch.float64) for t in ts]  # noqa: E731
+        ref = reference.score_candidates(history.double(), cands.double(), to64(weights), to64(biases),
+                                         activation="sigmoid", act_params=[tuple(to64(p)) for p in act_params])
+    return ["pooled", "weights"], list(fast), list(ref)
+
+
+def _mba_check(shape, dtype, device):
+    import torch
+    from din_fast import reference
+    from din_fast.optim import mba_sgd_fused_
+    from .run import zipf_ids
+    num_rows, dim = shape["K"], shape["D"]
+    lam, lr = 0.5, 0.1
+    weight = torch.randn(num_rows, dim, device=device, dtype=torch.float64).to(dtype)
+    ids = zipf_ids(num_rows, (shape["B"], shape["L"]), device=device)
+    grad_rows = torch.randn(ids.numel(), dim, device=device, dtype=torch.float64).to(dtype)
+    counts = torch.randint(1, 1000, (num_rows,), device=device).to(torch.float32)
+    before = weight.clone()
+    mba_sgd_fused_(weight, ids, grad_rows, counts, lam=lam, lr=lr, backend="triton")
+    dense_grad = torch.zeros(num_rows, dim, device=device, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), grad_rows.double())
+    expected = reference.mba_sgd_step(before.double(), dense_grad, ids, counts, lam=lam, lr=lr)
+    untouched = ~reference.batch_indicator(ids, num_rows)
+    unchanged = torch.equal(weight[untouched], before[untouched])
+    # The step's change, not the table, is what the kernel computes; the table's own rounding
+    # would hide an error in it.
+    delta, delta_ref = (weight.double() - before.double()), (expected - before.double())
+    rows_changed = torch.zeros(1) if unchanged else torch.ones(1)
+    return ["step_delta", "rows_outside_batch_changed"], [delta, rows_changed], [delta_ref, torch.zeros(1)]
+
+
+def full_size_checks(device: str, dtypes: Sequence[str], tiny: bool) -> List[dict]:
+    """Runs every check in every dtype; a check that raises is one failed record with the error."""
+    import torch
+    attention_shape = dict(B=3, T=7, D=36) if tiny else dict(B=1024, T=100, D=36)
+    dice_shape = dict(N=37, C=6) if tiny else dict(N=409600, C=40)
+    serving_shape = dict(C=5, T=7, D=36) if tiny else dict(C=200, T=100, D=36)
+    mba_shape = dict(K=1000, D=64, B=8, L=11) if tiny else dict(K=1_000_000, D=64, B=4096, L=101)
+    plan: List[tuple] = []
+    for dtype_name in dtypes:
+        plan += [
+            ("attention sigmoid", attention_shape, dtype_name,
+             lambda s, d: _attention_check(s, d, device, "sigmoid", "none", False)),
+            ("attention dice+softmax", attention_shape, dtype_name,
+             lambda s, d: _attention_check(s, d, device, "dice", "softmax", False)),
+            ("dice train", dice_shape, dtype_name, lambda s, d: _dice_check(s, d, device)),
+            ("serving sigmoid", serving_shape, dtype_name, lambda s, d: _serving_check(s, d, device)),
+        ]
+        if dtype_name == "float32":
+            plan.append(("mba fused step", mba_shape, dtype_name, lambda s, d: _mba_check(s, d, device)))
+    records = []
+    for name, shape, dtype_name, check in plan:
+        base = dict(check=name, shape=" ".join(f"{k}={v}" for k, v in shape.items()), dtype=dtype_name)
+        bound = REL_ERR_BOUND[dtype_name]
+        try:
+            torch.manual_seed(len(records))
+            names, fast, ref = check(shape, getattr(torch, dtype_name))
+            records += _compare(base, names, fast, ref, bound)
+        except NotImplementedError as err:
+            records.append(dict(base, tensor="-", rel_err=None, bound=bound, ok=True,
+                                not_implemented=str(err).strip()[:300]))
+        except Exception as err:  # report and go on: one broken op must not hide the others
+            records.append(dict(base, tensor="-", rel_err=None, bound=bound, ok=False,
+                                error=f"{type(err).__name__}: {str(err).strip()[:300]}"))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def format_checks(records: Sequence[dict]) -> str:
+    lines = []
+    groups: Dict[tuple, List[dict]] = {}
+    for r in records:
+        groups.setdefault((r["check"], r["shape"], r["dtype"]), []).append(r)
+    for (check, shape, dtype), rs in groups.items():
+        missing = [r for r in rs if r.get("not_implemented")]
+        if missing:
+            lines.append(f"n/a   {check:30s} {dtype:9s} {shape:22s} {missing[0]['not_implemented']}")
+            continue
+        errors = [r for r in rs if r.get("error")]
+        if errors:
+            lines.append(f"FAIL  {check:30s} {dtype:9s} {shape:22s} {errors[0]['error']}")
+            continue
+        worst = max(rs, key=lambda r: float("inf") if r["rel_err"] != r["rel_err"] else r["rel_err"])
+        status = "ok  " if all(r["ok"] for r in rs) else "FAIL"
+        lines.append(f"{status}  {check:30s} {dtype:9s} {shape:22s} worst {worst['tensor']} "
+                     f"rel err {worst['rel_err']:.2e} (bound {worst['bound']:.0e})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: benchmarks
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_config(device: str, dry_run: bool, budget_s: float):
+    from .run import RunConfig, default_grid
+    if dry_run:
+        grids = {"dice": [dict(N=64, C=8)], "attention": [dict(B=4, T=t, D=36) for t in (5, 9)],
+                 "serving": [dict(C=3, T=5, D=36)], "mba": [dict(K=1000, D=16, B=4, L=11)]}
+        return RunConfig(ops=("dice", "attention", "serving", "mba"), device=device, dtypes=("float32",),
+                         compile=False, grids=grids, cpu_budget_s=0.0, cpu_min_repeats=2, time_budget_s=budget_s)
+    grids = {op: default_grid(op, device, quick=True) for op in ("dice", "attention", "serving", "mba")}
+    return RunConfig(ops=("attention", "serving", "dice", "mba"), device=device, dtypes=("float32",),
+                     compile=True, grids=grids, time_budget_s=budget_s)
+
+
+def run_bench(out: Path, device: str, dry_run: bool, budget_s: float) -> List[dict]:
+    from .run import ResultWriter, RunConfig, _progress, run_benchmarks
+    writer = ResultWriter(str(out / "bench.jsonl"))
+
+    def emit(row):
+        writer(row)
+        _progress(row)
+
+    start = time.perf_counter()
+    config = bench_config(device, dry_run, budget_s)
+    rows = run_benchmarks(config, emit)
+    if not dry_run:
+        remaining = budget_s - (time.perf_counter() - start)
+        if remaining > 30:
+            bf16 = RunConfig(ops=("attention",), device=device, dtypes=("bfloat16",), compile=True,
+                             grids={"attention": [dict(B=4096, T=100, D=36)]}, time_budget_s=remaining)
+            rows += run_benchmarks(bf16, emit)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the result files (flat)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench")
+    parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds for the pytest stage")
+    parser.add_argument("--bench-budget", type=float, default=330.0, help="seconds for the benchmark stage")
+    args = parser.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if args.dry_run:
+        # Must precede the first import of triton.
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run for the CPU rehearsal", file=sys.stderr)
+        return 2
+    from .run import environment, format_table
+    env = environment(device)
+    (out / "environment.json").write_text(json.dumps(dict(env, argv=argv if argv is not None else sys.argv[1:]),
+                                                     indent=1))
+    print(f"gpu_check on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, commit {env['commit']}",
+          flush=True)
+    failed = False
+    sections = []
+
+    if "tests" not in skip:
+        print("== stage 1: kernel tests", flush=True)
+        tests = run_kernel_tests(out, args.dry_run, args.tests_timeout)
+        failed |= not tests["ok"]
+        sections.append(f"kernel tests: {'ok' if tests['ok'] else 'FAILED'}: {tests['summary']}")
+        print(sections[-1], flush=True)
+
+    if "checks" not in skip:
+        print("== stage 2: full-size checks against float64", flush=True)
+        dtypes = ("float32",) if args.dry_run else ("float32", "bfloat16", "float16")
+        records = full_size_checks(device, dtypes, tiny=args.dry_run)
+        with (out / "checks.jsonl").open("w") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        failed |= not all(r["ok"] for r in records)
+        sections.append("checks (relative error against float64):\n" + format_checks(records))
+        print(sections[-1], flush=True)
+
+    if "bench" not in skip:
+        print("== stage 3: benchmarks", flush=True)
+        rows = run_bench(out, device, args.dry_run, args.bench_budget)
+        failed |= any(r["status"] == "error" for r in rows)
+        sections.append("benchmarks (median ms; x = speed-up over the eager reference):\n" + format_table(rows))
+
+    summary = "\n\n".join(sections)
+    (out / "summary.txt").write_text(summary + "\n")
+    print("\n" + "=" * 100 + "\n" + summary + f"\n\ngpu_check: {'FAILED' if failed else 'all passed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

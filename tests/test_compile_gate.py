@@ -1,0 +1,108 @@
+"""Compile gate (DESIGN §4 tier 3): kernels compiled ahead of time for sm_80 and sm_90, no spills.
+
+The gate runs in a subprocess with ``TRITON_INTERPRET`` removed from its environment: this
+conftest sets it, and under the interpreter ``@triton.jit`` makes functions that cannot be
+compiled. The full gate over every configuration (``python -m benchmarks.compile_gate``) takes
+far longer than a unit test; here each kernel function is compiled at the first and the last
+entry of its ``AOT_SPECS`` (the spec lists enumerate their configurations as nested loops, so
+these are opposite corners: first dtype/size/option against last).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.compile_gate import available_modules  # noqa: E402
+
+
+def _run_gate(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "benchmarks.compile_gate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gate_reports(tmp_path_factory):
+    """One gate run over every kernel module (one process pool for all of them)."""
+    modules = available_modules()
+    if not modules:
+        pytest.skip("no kernel modules")
+    report_path = tmp_path_factory.mktemp("gate") / "gate.json"
+    result = _run_gate("--modules", ",".join(modules), "--select", "ends", "--cc", "80,90",
+                       "--json", str(report_path))
+    print(result.stdout)
+    assert report_path.exists(), f"the gate did not finish:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result, json.loads(report_path.read_text())
+
+
+@pytest.mark.parametrize("module", available_modules())
+def test_kernels_compile_for_sm80_and_sm90_without_spills(module, gate_reports):
+    result, all_reports = gate_reports
+    reports = [r for r in all_reports if r["source"] == module]
+    assert reports, f"{module}: AOT_SPECS selected nothing"
+    assert {r["cc"] for r in reports} == {80, 90}
+    errors = [f"{r['name']} sm_{r['cc']}: {r['error']}" for r in reports if r["error"]]
+    spills = [f"{r['name']} sm_{r['cc']}: {r['spill_stores']} spill stores, {r['spill_loads']} spill loads, "
+              f"{r['registers']} registers" for r in reports if r["spill_stores"] or r["spill_loads"]]
+    assert not errors, "compile errors:\n" + "\n".join(errors)
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    assert all(r["registers"] and r["registers"] <= 255 for r in reports)
+    if all(r["error"] is None and not r["spill_stores"] and not r["spill_loads"] for r in all_reports):
+        assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+
+
+_SPILL_KERNELS = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+
+
+    @triton.jit
+    def _live_blocks_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        # Three BLOCK-long vectors stay live across reductions. With one warp each thread holds
+        # 3 * BLOCK / 32 floats: 384 for BLOCK = 4096, more than the 255 registers a thread can
+        # have, so ptxas must spill; 24 for BLOCK = 256, which fits.
+        offs = tl.arange(0, BLOCK)
+        a = tl.load(x_ptr + offs)
+        b = tl.load(x_ptr + BLOCK + offs)
+        c = tl.load(x_ptr + 2 * BLOCK + offs)
+        s = tl.sum(a * b, 0) + tl.sum(b * c, 0)
+        tl.store(y_ptr + offs, a * s + b * c + tl.sum(a, 0) * c)
+
+
+    AOT_SPECS = [
+        dict(name=f"live_blocks_{block}", fn=_live_blocks_kernel,
+             signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "BLOCK": "constexpr"},
+             constexprs={"BLOCK": block}, num_warps=1)
+        for block in (256, 4096)
+    ]
+''')
+
+
+def test_gate_detects_a_spilling_kernel(tmp_path):
+    kernel_file = tmp_path / "spilling_kernels.py"
+    kernel_file.write_text(_SPILL_KERNELS)
+    report_path = tmp_path / "gate.json"
+    result = _run_gate("--specs-file", str(kernel_file), "--cc", "80,90", "--json", str(report_path))
+    print(result.stdout)
+    assert report_path.exists(), result.stdout + result.stderr[-4000:]
+    reports = {(r["name"], r["cc"]): r for r in json.loads(report_path.read_text())}
+    assert set(reports) == {(f"live_blocks_{b}", cc) for b in (256, 4096) for cc in (80, 90)}
+    for cc in (80, 90):
+        small, large = reports[("live_blocks_256", cc)], reports[("live_blocks_4096", cc)]
+        assert small["error"] is None and large["error"] is None
+        assert small["spill_stores"] == 0 and small["spill_loads"] == 0, small
+        assert large["spill_stores"] > 0 and large["spill_loads"] > 0, large
+        assert large["stack_bytes"] > 0
+    assert result.returncode == 1
+    assert "SPILL" in result.stdout
