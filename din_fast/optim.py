@@ -185,8 +185,14 @@ def _torch_sgd_step_(weight, grad, ids, counts, lam, lr, padding_idx=None) -> Te
 
 
 def _torch_sgd_fused_(weight, ids, grad_rows, counts, lam, lr, padding_idx=None) -> Tensor:
-    rows = _unique_rows(ids, padding_idx)
-    grad_at_rows = _torch_segment_sum(rows, ids, grad_rows, _compute_dtype(weight.dtype))
+    flat_ids = ids.reshape(-1).to(torch.int64)
+    rows, position = torch.unique(flat_ids, return_inverse=True)
+    compute = _compute_dtype(weight.dtype)
+    grad_at_rows = torch.zeros(rows.shape[0], weight.shape[1], dtype=compute, device=weight.device)
+    grad_at_rows.index_add_(0, position, grad_rows.reshape(flat_ids.shape[0], -1).to(compute))
+    if padding_idx is not None:
+        kept = rows != padding_idx
+        rows, grad_at_rows = rows[kept], grad_at_rows[kept]
     return _torch_update_rows_(weight, rows, grad_at_rows, counts, lam, lr)
 
 
