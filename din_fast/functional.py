@@ -144,7 +144,8 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, keys.device, "attention_pooling", keys.dtype), "attention_pooling")
+    kernel = "attention_pooling_dice_training" if activation == "dice" and training else "attention_pooling"
+    op = get_op(resolve_backend(backend, keys.device, kernel, keys.dtype), "attention_pooling")
     return op(query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
               act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
               dice_stats=dice_stats, training=training, momentum=momentum, eps=eps)

@@ -1,0 +1,807 @@
+"""Fused DIN local activation unit (target attention): forward and recomputing backward.
+
+Math (DESIGN §1-2). The first layer ``W1 = [Wq | Wk | Wd | Wp]`` ([H1, 4D], ``nn.Linear``
+layout) acting on ``[q, k, q - k, q * k]`` folds into
+
+    z1 = u_b + k M_b,   u_b = q (Wq + Wd)^T + b1   [H1],   M_b = (Wk - Wd)^T + diag(q) Wp^T   [D, H1]
+
+so a behaviour costs ``D * H1`` multiply-adds and the ``[B, T, 4D]`` features never exist. The
+launchers compute ``u`` for the whole batch as one small GEMM and hand the kernels the folded,
+sample-independent matrices ``(Wk - Wd)^T`` and ``Wp^T``; each program builds its sample's
+``M_b`` once and then walks the behaviour sequence tile by tile: first layer by ``tl.dot``, the
+activation, the other hidden layers by ``tl.dot``, the score layer, the mask, then the weighted
+sum of the keys (raw scores, or an online softmax across tiles). No ``[B, T, H]`` tensor is
+written; tiles past a sample's last valid position are never computed.
+
+The backward recomputes the MLP tile by tile from the inputs and the per-sample softmax
+statistics saved by the forward (row max and denominator, ``[B]`` fp32). Per-sample results
+(``G_b = sum_t dz1`` and the query's share through ``Wp``) go to small ``[B, *]`` buffers;
+weight gradients are accumulated in one fp32 partial buffer per program (each program owns its
+slice and adds into it tile by tile, so the result is deterministic without atomics) and summed
+by the launcher. The backward's fold is rebuilt per tile, D in chunks, from the cached folded
+weights: holding it would leave no registers for the backward's live ``[BLOCK_T, H]`` tiles.
+
+Everything is computed in fp32 after loading. ``tl.dot`` runs as 3xTF32 for fp32 inputs (about
+fp32 accuracy, so results meet the fp32 tolerances; plain IEEE fp32 dots compile to far more
+registers) and as TF32 for 16-bit inputs (exact for their mantissas, fp32 accumulation).
+
+Activation codes: 0 sigmoid, 1 relu, 2 prelu (per-channel weight), 3 dice with given
+per-channel mean and reciprocal standard deviation (inference: running statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
+NORMALIZATION_CODES = {"none": 0, "softmax": 1}
+# Finite stand-in for -inf as the running max of an online softmax, so that a tile with no valid
+# position rescales by exp(0) = 1 instead of exp(-inf + inf) = NaN.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+def _padded(n: int) -> int:
+    """``tl.dot`` needs every dimension to be a power of two and at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """fp32 x fp32 -> fp32 product; IEEE (fp32 inputs) asks for fp32-accurate 3xTF32."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, input_precision="tf32")
+    return out
+
+
+@triton.jit
+def _load_vector(ptr, N: tl.constexpr, NP: tl.constexpr):
+    offs = tl.arange(0, NP)
+    return tl.load(ptr + offs, mask=offs < N, other=0.0)
+
+
+@triton.jit
+def _load_matrix(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_P: tl.constexpr, COLS_P: tl.constexpr,
+                 TRANSPOSE: tl.constexpr):
+    """A row-major fp32 ``[ROWS, COLS]`` matrix as a zero-padded ``[ROWS_P, COLS_P]`` tile, or
+    its transpose as ``[COLS_P, ROWS_P]``."""
+    if TRANSPOSE:
+        offs_r = tl.arange(0, ROWS_P)[None, :]
+        offs_c = tl.arange(0, COLS_P)[:, None]
+    else:
+        offs_r = tl.arange(0, ROWS_P)[:, None]
+        offs_c = tl.arange(0, COLS_P)[None, :]
+    return tl.load(ptr + offs_r * COLS + offs_c, mask=(offs_r < ROWS) & (offs_c < COLS), other=0.0)
+
+
+@triton.jit
+def _accumulate_vector(ptr, value, N: tl.constexpr, NP: tl.constexpr):
+    offs = tl.arange(0, NP)
+    keep = offs < N
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=keep, other=0.0) + value, mask=keep)
+
+
+@triton.jit
+def _accumulate_matrix(ptr, value, ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_P: tl.constexpr,
+                       COLS_P: tl.constexpr):
+    offs_r = tl.arange(0, ROWS_P)[:, None]
+    offs_c = tl.arange(0, COLS_P)[None, :]
+    keep = (offs_r < ROWS) & (offs_c < COLS)
+    offs = offs_r * COLS + offs_c
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=keep, other=0.0) + value, mask=keep)
+
+
+@triton.jit
+def _act_params(ptr, layer: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, HMAX: tl.constexpr):
+    """Layer ``layer``'s activation parameters from the packed fp32 ``[NUM_HIDDEN, 3, HMAX]``
+    buffer: (prelu weight or dice alpha, dice mean, dice reciprocal std)."""
+    base = ptr + layer * 3 * HMAX
+    return (_load_vector(base, H, HP), _load_vector(base + HMAX, H, HP), _load_vector(base + 2 * HMAX, H, HP))
+
+
+@triton.jit
+def _act_params_at(ptr, layer: tl.constexpr, offs, H: tl.constexpr, HMAX: tl.constexpr):
+    """Like ``_act_params`` for the channels ``offs`` only."""
+    base = ptr + layer * 3 * HMAX + offs
+    keep = offs < H
+    return (tl.load(base, mask=keep, other=0.0), tl.load(base + HMAX, mask=keep, other=0.0),
+            tl.load(base + 2 * HMAX, mask=keep, other=0.0))
+
+
+@triton.jit
+def _activation(z, p0, p1, p2, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.sigmoid(z)
+    elif ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z >= 0, z, p0[None, :] * z)
+    else:
+        gate = tl.sigmoid((z - p1[None, :]) * p2[None, :])
+        out = z * (gate + (1.0 - gate) * p0[None, :])
+    return out
+
+
+@triton.jit
+def _activation_backward(z, grad_out, p0, p1, p2, ACT: tl.constexpr):
+    """Returns ``(dL/dz, per-element dL/dparam)``; the second is summed over rows by the caller
+    (prelu weight or dice alpha; zeros for sigmoid and relu)."""
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        grad_z = grad_out * s * (1.0 - s)
+        grad_p = tl.zeros_like(z)
+    elif ACT == 1:
+        grad_z = tl.where(z > 0, grad_out, 0.0)
+        grad_p = tl.zeros_like(z)
+    elif ACT == 2:
+        negative = z < 0
+        grad_z = tl.where(negative, p0[None, :] * grad_out, grad_out)
+        grad_p = tl.where(negative, grad_out * z, 0.0)
+    else:
+        gate = tl.sigmoid((z - p1[None, :]) * p2[None, :])
+        alpha = p0[None, :]
+        local = gate + (1.0 - gate) * alpha + z * (1.0 - alpha) * gate * (1.0 - gate) * p2[None, :]
+        grad_z = grad_out * local
+        grad_p = grad_out * z * (1.0 - gate)
+    return grad_z, grad_p
+
+
+@triton.jit
+def _load_fold_rows(ptr, offs_c, c_ok, H1: tl.constexpr, H1P: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Rows ``offs_c`` of a row-major fp32 ``[D, H1]`` matrix as ``[BD, H1P]``, or transposed
+    as ``[H1P, BD]``."""
+    offs_h = tl.arange(0, H1P)
+    if TRANSPOSE:
+        ptrs = ptr + offs_c[None, :] * H1 + offs_h[:, None]
+        keep = c_ok[None, :] & (offs_h < H1)[:, None]
+    else:
+        ptrs = ptr + offs_c[:, None] * H1 + offs_h[None, :]
+        keep = c_ok[:, None] & (offs_h < H1)[None, :]
+    return tl.load(ptrs, mask=keep, other=0.0)
+
+
+@triton.jit
+def _load_fold_block(ptr, offs_c, c_ok, offs_h, H1: tl.constexpr):
+    """Rows ``offs_c``, columns ``offs_h`` of a row-major fp32 ``[D, H1]`` matrix, transposed:
+    ``[len(offs_h), len(offs_c)]``."""
+    return tl.load(ptr + offs_c[None, :] * H1 + offs_h[:, None], mask=c_ok[None, :] & (offs_h < H1)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _folded_first_layer(q, wkd_ptr, wp_ptr, D: tl.constexpr, DP: tl.constexpr, H1: tl.constexpr,
+                        H1P: tl.constexpr):
+    """``M_b = (Wk - Wd)^T + diag(q) Wp^T`` as a ``[DP, H1P]`` tile."""
+    return (_load_matrix(wkd_ptr, D, H1, DP, H1P, False)
+            + q[:, None] * _load_matrix(wp_ptr, D, H1, DP, H1P, False))
+
+
+@triton.jit
+def _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK: tl.constexpr):
+    in_span = offs_t < span
+    if HAS_MASK:
+        flag = tl.load(mask_ptr + sample * T + offs_t, mask=in_span, other=0)
+        valid = in_span & (flag != 0)
+    else:
+        valid = in_span
+    return in_span, valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _din_attention_fwd_kernel(
+        query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr,
+        w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr, act_ptr,
+        span_ptr, mask_ptr,
+        pooled_ptr, weights_ptr, logits_ptr, row_max_ptr, row_sum_ptr,
+        T, stride_qb, stride_kb, stride_kt, softmax_scale,
+        D: tl.constexpr, DP: tl.constexpr,
+        H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
+        H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr, NUM_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+        IEEE: tl.constexpr, BD: tl.constexpr):
+    """One program per sample; BD == DP holds the sample's fold across tiles, a smaller BD
+    works through D in chunks.
+
+    query ``[B, D]``, keys ``[B, T, D]`` (last stride 1; a batch stride of 0 serves one history
+    to many candidates), u ``[B, H1]`` fp32, ``(Wk - Wd)^T`` and ``Wp^T`` ``[D, H1]`` fp32, the
+    other layers fp32 ``nn.Linear`` layout, span ``[B]`` int32 (one past the last valid
+    position), mask ``[B, T]`` uint8 when HAS_MASK. Writes pooled ``[B, D]`` and weights
+    ``[B, T]`` (keys' dtype); for softmax also fp32 logits ``[B, T]`` (scratch) and the row max
+    and denominator ``[B]``.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    span = tl.load(span_ptr + sample)
+    offs_d = tl.arange(0, DP)
+    d_ok = offs_d < D
+    q = tl.load(query_ptr + sample * stride_qb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    u = _load_vector(u_ptr + sample * H1, H1, H1P)
+    if BD == DP:
+        fold = _folded_first_layer(q, wkd_ptr, wp_ptr, D, DP, H1, H1P)
+    a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+    if NUM_HIDDEN >= 2:
+        b2 = _load_vector(b2_ptr, H2, H2P)
+        c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+    if NUM_HIDDEN >= 3:
+        b3 = _load_vector(b3_ptr, H3, H3P)
+        e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+    if NUM_HIDDEN == 1:
+        wo = _load_vector(wo_ptr, H1, H1P)
+    elif NUM_HIDDEN == 2:
+        wo = _load_vector(wo_ptr, H2, H2P)
+    else:
+        wo = _load_vector(wo_ptr, H3, H3P)
+    bo = tl.load(bo_ptr)
+
+    row_max = tl.full([], _NEG_BIG, tl.float32)
+    row_sum = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([DP], dtype=tl.float32)
+    keys_row = keys_ptr + sample * stride_kb
+    num_tiles = tl.cdiv(span, BLOCK_T)
+    for tile in range(0, num_tiles):
+        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_span, valid = _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK)
+        k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                    mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if BD == DP:
+            z1 = u[None, :] + _mm(k, fold, IEEE)
+        else:
+            # D in chunks, the fold rebuilt from cached weights: holding a [D, H1] fold and
+            # feeding a D-deep dot costs more registers than 3xTF32 leaves.
+            z1 = tl.zeros([BLOCK_T, H1P], dtype=tl.float32) + u[None, :]
+            for chunk in range(0, DP // BD):
+                offs_c = chunk * BD + tl.arange(0, BD)
+                c_ok = offs_c < D
+                k_c = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
+                              mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                q_c = tl.load(query_ptr + sample * stride_qb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                fold_c = (_load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, False)
+                          + q_c[:, None] * _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, False))
+                z1 += _mm(k_c, fold_c, IEEE)
+        h = _activation(z1, a0, a1, a2, ACT)
+        if NUM_HIDDEN >= 2:
+            h = _activation(_mm(h, _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE) + b2[None, :], c0, c1, c2, ACT)
+        if NUM_HIDDEN >= 3:
+            h = _activation(_mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :], e0, e1, e2, ACT)
+        score = tl.sum(h * wo[None, :], axis=1) + bo
+        if NORM == 0:
+            w = tl.where(valid, score, 0.0)
+            acc += tl.sum(w[:, None] * k, axis=0)
+            tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
+        else:
+            logit = tl.where(valid, score * softmax_scale, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logit, axis=0))
+            rescale = tl.exp(row_max - new_max)
+            p = tl.exp(logit - new_max)
+            row_sum = row_sum * rescale + tl.sum(p, axis=0)
+            acc = acc * rescale + tl.sum(p[:, None] * k, axis=0)
+            row_max = new_max
+            tl.store(logits_ptr + sample * T + offs_t, logit, mask=in_span)
+    for start in range(num_tiles * BLOCK_T, T, BLOCK_T):
+        offs_t = start + tl.arange(0, BLOCK_T)
+        tl.store(weights_ptr + sample * T + offs_t, tl.zeros([BLOCK_T], dtype=weights_ptr.dtype.element_ty),
+                 mask=offs_t < T)
+    if NORM == 1:
+        denom = tl.where(row_sum > 0, row_sum, 1.0)
+        acc = acc / denom
+        tl.store(row_max_ptr + sample, row_max)
+        tl.store(row_sum_ptr + sample, row_sum)
+        # The logits were written by other threads of this program.
+        tl.debug_barrier()
+        for tile in range(0, num_tiles):
+            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            in_span = offs_t < span
+            logit = tl.load(logits_ptr + sample * T + offs_t, mask=in_span, other=float("-inf"))
+            w = tl.exp(logit - row_max) / denom
+            tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
+    tl.store(pooled_ptr + sample * D + offs_d, acc.to(pooled_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _din_attention_bwd_kernel(
+        query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr,
+        w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr, act_ptr,
+        span_ptr, mask_ptr,
+        grad_pooled_ptr, grad_weights_ptr, row_max_ptr, row_sum_ptr, delta_ptr,
+        grad_keys_ptr, grad_u_ptr, grad_query_part_ptr,
+        part_p_ptr, part_pq_ptr, part_w2_ptr, part_b2_ptr, part_w3_ptr, part_b3_ptr,
+        part_wo_ptr, part_bo_ptr, part_act_ptr, scratch_ptr,
+        B, T, stride_qb, stride_kb, stride_kt, stride_gkb, stride_gkt, softmax_scale,
+        D: tl.constexpr, DP: tl.constexpr,
+        H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
+        H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr, NUM_HIDDEN: tl.constexpr,
+        ACT: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+        IEEE: tl.constexpr, BD: tl.constexpr, PHASE: tl.constexpr, HC: tl.constexpr):
+    """Persistent programs; program ``pid`` handles samples ``pid, pid + P, ...``.
+
+    Inputs as in the forward, plus grad_pooled ``[B, D]`` fp32, grad_weights ``[B, T]`` fp32,
+    the forward's row max / denominator and ``delta_b = sum_t w_t dL/dw_t`` ``[B]`` fp32
+    (softmax only). Writes grad_keys ``[B, T, D]`` (keys' dtype, zero on padding) and adds into
+    these zero-initialised fp32 buffers: grad_u ``[B, H1]`` (``G_b = sum_t dz1``), grad_query_part
+    ``[B, D]`` (the query's gradient through ``Wp``), and this program's slice of the partials
+    ``sum dz1^T k`` and ``sum dz1^T (k * q)`` ``[P, H1, D]``, layer 2/3 weights and biases,
+    score-layer weight ``[P, Hn]`` and bias ``[P]``, activation parameters ``[P, NUM_HIDDEN, HMAX]``.
+
+    With HC < H1P, ``z1`` and then ``dz1`` pass through scratch ``[P, BLOCK_T, H1P]`` fp32 (this
+    program's slice, cache-resident) so that the H1-deep products run in chunks of HC.
+    The work is split in two launches that each recompute the MLP (one pass would need more
+    registers than there are): PHASE 1 (keys, and all but the first layer's parameters) and
+    PHASE 2 (query, and the first layer's weight sums).
+    """
+    # 64-bit sample indices: sample * stride_kb may exceed 2**31.
+    pid = tl.program_id(0).to(tl.int64)
+    num_programs = tl.num_programs(0)
+    offs_h1 = tl.arange(0, H1P)
+
+    part_p = part_p_ptr + pid * H1 * D
+    part_pq = part_pq_ptr + pid * H1 * D
+    part_act = part_act_ptr + pid * NUM_HIDDEN * HMAX
+    for sample in range(pid, B, num_programs):
+        span = tl.load(span_ptr + sample)
+        if NORM == 1:
+            row_max = tl.load(row_max_ptr + sample)
+            row_sum = tl.load(row_sum_ptr + sample)
+            denom = tl.where(row_sum > 0, row_sum, 1.0)
+            delta = tl.load(delta_ptr + sample)
+        keys_row = keys_ptr + sample * stride_kb
+        grad_keys_row = grad_keys_ptr + sample * stride_gkb
+        num_tiles = tl.cdiv(span, BLOCK_T)
+        for tile in range(0, num_tiles):
+            # Buffers accumulated last tile are read back (by other threads of this program).
+            tl.debug_barrier()
+            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            in_span, valid = _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK)
+            # Per-channel vectors are re-read each tile (cache hits) to keep registers free.
+            a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+            if NUM_HIDDEN >= 2:
+                b2 = _load_vector(b2_ptr, H2, H2P)
+                c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+            if NUM_HIDDEN >= 3:
+                b3 = _load_vector(b3_ptr, H3, H3P)
+                e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+            if NUM_HIDDEN == 1:
+                wo = _load_vector(wo_ptr, H1, H1P)
+            elif NUM_HIDDEN == 2:
+                wo = _load_vector(wo_ptr, H2, H2P)
+            else:
+                wo = _load_vector(wo_ptr, H3, H3P)
+            bo = tl.load(bo_ptr)
+            # First layer z1 = u + k M_b, and g . k_t, chunk by chunk over D: the [D, H1] fold is
+            # rebuilt from cached weights per chunk because the backward's live [BLOCK_T, H]
+            # tiles leave no registers to hold it across tiles.
+            z1 = tl.zeros([BLOCK_T, H1P], dtype=tl.float32) + _load_vector(u_ptr + sample * H1, H1, H1P)[None, :]
+            grad_w = tl.load(grad_weights_ptr + sample * T + offs_t, mask=in_span, other=0.0)
+            for chunk in range(0, DP // BD):
+                offs_c = chunk * BD + tl.arange(0, BD)
+                c_ok = offs_c < D
+                k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
+                            mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                q_c = tl.load(query_ptr + sample * stride_qb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                g_c = tl.load(grad_pooled_ptr + sample * D + offs_c, mask=c_ok, other=0.0)
+                fold = (_load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, False)
+                        + q_c[:, None] * _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, False))
+                z1 += _mm(k, fold, IEEE)
+                grad_w += tl.sum(k * g_c[None, :], axis=1)
+            # Recompute the rest of the forward, keeping only pre-activations (activations are
+            # recomputed where needed: registers, not arithmetic, bound this kernel).
+            h = _activation(z1, a0, a1, a2, ACT)
+            if NUM_HIDDEN >= 2:
+                if HC < H1P:
+                    # H1-deep product in chunks of HC through the scratch tile (see below).
+                    offs_row = tl.arange(0, BLOCK_T)
+                    scratch = scratch_ptr + pid * BLOCK_T * H1P
+                    tl.store(scratch + offs_row[:, None] * H1P + offs_h1[None, :], z1)
+                    tl.debug_barrier()
+                    z2 = tl.zeros([BLOCK_T, H2P], dtype=tl.float32) + b2[None, :]
+                    for h_chunk in range(0, H1P // HC):
+                        offs_hc = h_chunk * HC + tl.arange(0, HC)
+                        z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                        p0, p1, p2 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
+                        w2t_c = tl.load(w2_ptr + tl.arange(0, H2P)[None, :] * H1 + offs_hc[:, None],
+                                        mask=(tl.arange(0, H2P) < H2)[None, :] & (offs_hc < H1)[:, None], other=0.0)
+                        z2 += _mm(_activation(z1_c, p0, p1, p2, ACT), w2t_c, IEEE)
+                    # Other threads may still read z1 when dz1 overwrites the scratch tile.
+                    tl.debug_barrier()
+                else:
+                    z2 = _mm(h, _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE) + b2[None, :]
+                h = _activation(z2, c0, c1, c2, ACT)
+            if NUM_HIDDEN >= 3:
+                z3 = _mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :]
+                h = _activation(z3, e0, e1, e2, ACT)
+            score = tl.sum(h * wo[None, :], axis=1) + bo
+
+            # dL/dw_t = g . k_t + dL/dweights_t, through the normalization to the score.
+            if NORM == 0:
+                w = tl.where(valid, score, 0.0)
+                grad_score = tl.where(valid, grad_w, 0.0)
+            else:
+                w = tl.where(valid, tl.exp(score * softmax_scale - row_max) / denom, 0.0)
+                grad_score = softmax_scale * w * (grad_w - delta)
+
+            if PHASE == 1:
+                tl.store(part_bo_ptr + pid, tl.load(part_bo_ptr + pid) + tl.sum(grad_score, axis=0))
+                if NUM_HIDDEN == 1:
+                    _accumulate_vector(part_wo_ptr + pid * H1, tl.sum(grad_score[:, None] * h, axis=0), H1, H1P)
+                elif NUM_HIDDEN == 2:
+                    _accumulate_vector(part_wo_ptr + pid * H2, tl.sum(grad_score[:, None] * h, axis=0), H2, H2P)
+                else:
+                    _accumulate_vector(part_wo_ptr + pid * H3, tl.sum(grad_score[:, None] * h, axis=0), H3, H3P)
+            grad_h = grad_score[:, None] * wo[None, :]
+            if NUM_HIDDEN >= 3:
+                grad_z, grad_param = _activation_backward(z3, grad_h, e0, e1, e2, ACT)
+                if PHASE == 1:
+                    _accumulate_vector(part_act + 2 * HMAX, tl.sum(grad_param, axis=0), H3, H3P)
+                    _accumulate_vector(part_b3_ptr + pid * H3, tl.sum(grad_z, axis=0), H3, H3P)
+                    _accumulate_matrix(part_w3_ptr + pid * H3 * H2,
+                                       _mm(tl.trans(grad_z), _activation(z2, c0, c1, c2, ACT), IEEE), H3, H2, H3P, H2P)
+                grad_h = _mm(grad_z, _load_matrix(w3_ptr, H3, H2, H3P, H2P, False), IEEE)
+            if NUM_HIDDEN >= 2:
+                grad_z, grad_param = _activation_backward(z2, grad_h, c0, c1, c2, ACT)
+                if PHASE == 1:
+                    _accumulate_vector(part_act + HMAX, tl.sum(grad_param, axis=0), H2, H2P)
+                    _accumulate_vector(part_b2_ptr + pid * H2, tl.sum(grad_z, axis=0), H2, H2P)
+                    _accumulate_matrix(part_w2_ptr + pid * H2 * H1,
+                                       _mm(tl.trans(grad_z), _activation(z1, a0, a1, a2, ACT), IEEE), H2, H1, H2P, H1P)
+                grad_h = _mm(grad_z, _load_matrix(w2_ptr, H2, H1, H2P, H1P, False), IEEE)
+            grad_z1, grad_param = _activation_backward(z1, grad_h, a0, a1, a2, ACT)
+            if PHASE == 1:
+                _accumulate_vector(part_act, tl.sum(grad_param, axis=0), H1, H1P)
+                _accumulate_vector(grad_u_ptr + sample * H1, tl.sum(grad_z1, axis=0), H1, H1P)
+
+            # Through z1 = u + k M_b, M_b = (Wk - Wd)^T + diag(q) Wp^T, chunk by chunk over D.
+            grad_z1_t = tl.trans(grad_z1)
+            if HC < H1P:
+                # The H1-deep products below run in H1 chunks of HC read back from this
+                # program's scratch tile: a register tile cannot be sliced, and an H1-deep dot
+                # operand costs every warp 16 x H1 registers.
+                offs_row = tl.arange(0, BLOCK_T)
+                scratch = scratch_ptr + pid * BLOCK_T * H1P
+                tl.store(scratch + offs_row[:, None] * H1P + offs_h1[None, :], grad_z1)
+                tl.debug_barrier()
+            for chunk in range(0, DP // BD):
+                offs_c = chunk * BD + tl.arange(0, BD)
+                c_ok = offs_c < D
+                k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
+                            mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                q_c = tl.load(query_ptr + sample * stride_qb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                if PHASE == 1:
+                    g_c = tl.load(grad_pooled_ptr + sample * D + offs_c, mask=c_ok, other=0.0)
+                    grad_k = w[:, None] * g_c[None, :]
+                    if HC == H1P:
+                        wp_t = _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True)
+                        fold_t = _load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, True) + wp_t * q_c[None, :]
+                        grad_k += _mm(grad_z1, fold_t, IEEE)
+                    else:
+                        for h_chunk in range(0, H1P // HC):
+                            offs_hc = h_chunk * HC + tl.arange(0, HC)
+                            grad_z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                            wp_t = _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1)
+                            fold_t = _load_fold_block(wkd_ptr, offs_c, c_ok, offs_hc, H1) + wp_t * q_c[None, :]
+                            grad_k += _mm(grad_z1_c, fold_t, IEEE)
+                    tl.store(grad_keys_row + offs_t[:, None] * stride_gkt + offs_c[None, :],
+                             grad_k.to(grad_keys_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & c_ok[None, :])
+                if PHASE == 2:
+                    query_ptrs = grad_query_part_ptr + sample * D + offs_c
+                    if HC == H1P:
+                        through_wp = _mm(grad_z1, _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True), IEEE)
+                    else:
+                        through_wp = tl.zeros([BLOCK_T, BD], dtype=tl.float32)
+                        for h_chunk in range(0, H1P // HC):
+                            offs_hc = h_chunk * HC + tl.arange(0, HC)
+                            grad_z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                            through_wp += _mm(grad_z1_c, _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1), IEEE)
+                    tl.store(query_ptrs, tl.load(query_ptrs, mask=c_ok, other=0.0)
+                             + tl.sum(through_wp * k, axis=0), mask=c_ok)
+                    part_offs = offs_h1[:, None] * D + offs_c[None, :]
+                    part_ok = (offs_h1 < H1)[:, None] & c_ok[None, :]
+                    tl.store(part_p + part_offs, tl.load(part_p + part_offs, mask=part_ok, other=0.0)
+                             + _mm(grad_z1_t, k, IEEE), mask=part_ok)
+                    tl.store(part_pq + part_offs, tl.load(part_pq + part_offs, mask=part_ok, other=0.0)
+                             + _mm(grad_z1_t, k * q_c[None, :], IEEE), mask=part_ok)
+        if PHASE == 1:
+            for start in range(num_tiles * BLOCK_T, T, BLOCK_T):
+                offs_t = start + tl.arange(0, BLOCK_T)
+                for chunk in range(0, DP // BD):
+                    offs_c = chunk * BD + tl.arange(0, BD)
+                    tl.store(grad_keys_row + offs_t[:, None] * stride_gkt + offs_c[None, :],
+                             tl.zeros([BLOCK_T, BD], dtype=grad_keys_ptr.dtype.element_ty),
+                             mask=(offs_t < T)[:, None] & (offs_c < D)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class FoldedMLP:
+    """The attention MLP in the kernels' fp32 layout.
+
+    Built from ``weights``/``biases`` (``nn.Linear`` layout, first layer ``[H1, 4D]``) and the
+    flat per-layer activation vectors ``act_vectors[i] = (p0, p1, p2)`` (``[H_i]`` each;
+    prelu weight, or dice alpha / mean / reciprocal std; zeros when unused).
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                 act_vectors: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        w1 = weights[0].detach().float()
+        dim = w1.shape[1] // 4
+        self.dim = dim
+        self.hidden = [int(w.shape[0]) for w in weights[:-1]]
+        if len(self.hidden) > 3:
+            raise NotImplementedError(f"the triton attention kernels support 1 to 3 hidden layers, "
+                                      f"got {len(self.hidden)}")
+        w_query, w_key, w_diff, w_prod = w1[:, :dim], w1[:, dim:2 * dim], w1[:, 2 * dim:3 * dim], w1[:, 3 * dim:]
+        self.query_fold = (w_query + w_diff).contiguous()          # [H1, D]
+        self.key_fold = (w_key - w_diff).t().contiguous()          # [D, H1]
+        self.prod_fold = w_prod.t().contiguous()                   # [D, H1]
+        self.b1 = biases[0].detach().float()
+        self.layers = [(w.detach().float().contiguous(), b.detach().float().contiguous())
+                       for w, b in zip(weights[1:-1], biases[1:-1])]
+        self.score_weight = weights[-1].detach().float().reshape(-1).contiguous()
+        self.score_bias = biases[-1].detach().float().reshape(-1).contiguous()
+        self.hmax = max(self.hidden)
+        device = w1.device
+        packed = torch.zeros(len(self.hidden), 3, self.hmax, dtype=torch.float32, device=device)
+        for i, vectors in enumerate(act_vectors):
+            for j, vec in enumerate(vectors):
+                packed[i, j, :self.hidden[i]] = vec.detach().float()
+        self.act_packed = packed
+        # Stands in for the pointers of absent layers and buffers.
+        self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def query_bias(self, query: torch.Tensor) -> torch.Tensor:
+        """``u = q (Wq + Wd)^T + b1``: ``[B, D]`` -> ``[B, H1]`` fp32."""
+        return torch.addmm(self.b1, query.float(), self.query_fold.t())
+
+    def layer_pointers(self):
+        w2, b2 = self.layers[0] if len(self.layers) >= 1 else (self.dummy, self.dummy)
+        w3, b3 = self.layers[1] if len(self.layers) >= 2 else (self.dummy, self.dummy)
+        return w2, b2, w3, b3
+
+    def hidden_constexprs(self) -> Dict[str, int]:
+        sizes = self.hidden + [1] * (3 - len(self.hidden))
+        return dict(H1=sizes[0], H1P=_padded(sizes[0]), H2=sizes[1], H2P=_padded(sizes[1]),
+                    H3=sizes[2], H3P=_padded(sizes[2]), HMAX=self.hmax, NUM_HIDDEN=len(self.hidden))
+
+
+def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype
+                    ) -> Tuple[int, int, int]:
+    """``(BLOCK_T, BD, num_warps)`` of the forward: tiles large enough to feed ``tl.dot``,
+    small enough that the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay
+    in registers; 3xTF32 dots (fp32) need about twice the registers, so fp32 works through D
+    in chunks instead of holding the fold."""
+    if dtype == torch.float32:
+        block, chunk = 16, min(dim_p, 32)
+    else:
+        block, chunk = (32 if max(dim_p, *hidden_p) <= 128 else 16), dim_p
+    block = min(block, max(16, triton.next_power_of_2(seq_len)))
+    wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
+    return block, chunk, (8 if wide else 4)
+
+
+def _backward_config(dim_p: int, hidden_p: Sequence[int]) -> Tuple[int, int, int, Tuple[Tuple[int, int], ...]]:
+    """``(BLOCK_T, num_warps, HC, ((PHASE, BD), ...))`` of the backward. It keeps several
+    ``[BLOCK_T, H]`` tiles live, so it works on 16-row tiles, D in chunks of BD, H1-deep
+    products in chunks of HC, and in two recomputing passes (the second, with its
+    ``[H1, BD]`` weight sums, on narrower chunks): one pass needs more registers than there
+    are on sm_80/sm_90 for the canonical shapes."""
+    return 16, 8, min(hidden_p[0], 32), ((1, min(dim_p, 32)), (2, 16))
+
+
+def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                  device) -> torch.Tensor:
+    """int32 ``[B]``: one past each sample's last valid position (computed on the device, no sync)."""
+    if lengths is not None:
+        return lengths.to(torch.int32)
+    if mask is not None:
+        positions = torch.arange(1, seq_len + 1, device=device, dtype=torch.int32)
+        return torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1).to(torch.int32) \
+            if seq_len > 0 else torch.zeros(batch, dtype=torch.int32, device=device)
+    return torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+
+
+def _common_constexprs(mlp: FoldedMLP, normalization: str, activation: str, has_mask: bool,
+                       dtype: torch.dtype) -> dict:
+    return dict(D=mlp.dim, DP=_padded(mlp.dim), **mlp.hidden_constexprs(), ACT=ACTIVATION_CODES[activation],
+                NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask, IEEE=dtype == torch.float32)
+
+
+def _padded_hidden(constexprs: dict) -> List[int]:
+    return [constexprs["H1P"], constexprs["H2P"], constexprs["H3P"]][:constexprs["NUM_HIDDEN"]]
+
+
+def _mask_bytes(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    return dummy if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, span: torch.Tensor,
+                      mask: Optional[torch.Tensor], *, normalization: str, activation: str, softmax_scale: float,
+                      pooled: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the forward kernel.
+
+    Args:
+        query: ``[B, D]`` (last stride 1); keys: ``[B, T, D]`` (last stride 1, any batch stride,
+            including 0); span: int32 ``[B]``; mask: optional bool ``[B, T]``.
+        pooled, weights: optional preallocated outputs ``[B, D]`` and ``[B, T]`` in keys' dtype.
+
+    Returns:
+        ``(pooled [B, D], weights [B, T], row_max [B] fp32, row_sum [B] fp32)``; the last two
+        are the softmax statistics (unwritten for ``normalization="none"``).
+    """
+    batch, seq_len, dim = keys.shape
+    device = keys.device
+    if pooled is None:
+        pooled = torch.empty(batch, dim, dtype=keys.dtype, device=device)
+    if weights is None:
+        weights = torch.empty(batch, seq_len, dtype=keys.dtype, device=device)
+    row_max = torch.empty(batch, dtype=torch.float32, device=device)
+    row_sum = torch.empty(batch, dtype=torch.float32, device=device)
+    if batch == 0:
+        return pooled, weights, row_max, row_sum
+    logits = (torch.empty(batch, seq_len, dtype=torch.float32, device=device)
+              if normalization == "softmax" else mlp.dummy)
+    u = mlp.query_bias(query)
+    w2, b2, w3, b3 = mlp.layer_pointers()
+    constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
+    block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype)
+    _din_attention_fwd_kernel[(batch,)](
+        query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
+        mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), pooled, weights, logits, row_max, row_sum,
+        seq_len, query.stride(0), keys.stride(0), keys.stride(1), float(softmax_scale),
+        **constexprs, BLOCK_T=block_t, BD=chunk, num_warps=num_warps)
+    return pooled, weights, row_max, row_sum
+
+
+def _num_backward_programs(batch: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(batch, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(batch, 2)
+
+
+def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, span: torch.Tensor,
+                       mask: Optional[torch.Tensor], pooled: torch.Tensor, weights: torch.Tensor,
+                       row_max: torch.Tensor, row_sum: torch.Tensor, grad_pooled: torch.Tensor,
+                       grad_weights: torch.Tensor, *, normalization: str, activation: str, softmax_scale: float
+                       ) -> Dict[str, object]:
+    """Launches the backward kernel and reduces its partial buffers.
+
+    Returns fp32 gradients: ``query [B, D]``, ``keys [B, T, D]`` (keys' dtype), ``first_weight
+    [H1, 4D]``, ``first_bias [H1]``, ``layers`` (list of (weight, bias) for hidden layers 2..n),
+    ``score_weight [Hn]``, ``score_bias [1]``, ``act`` (list of ``[H_i]``: prelu weight or dice
+    alpha gradient per layer).
+    """
+    batch, seq_len, dim = keys.shape
+    device = keys.device
+    hidden = mlp.hidden
+    num_programs = max(1, _num_backward_programs(batch, device))
+    grad_pooled = grad_pooled.float().contiguous()
+    grad_weights = grad_weights.float().contiguous()
+    if normalization == "softmax":
+        delta = (grad_pooled * pooled.float()).sum(-1) + (grad_weights * weights.float()).sum(-1)
+    else:
+        delta = mlp.dummy
+    grad_keys = torch.empty(batch, seq_len, dim, dtype=keys.dtype, device=device)
+    grad_u = torch.zeros(batch, hidden[0], dtype=torch.float32, device=device)
+    grad_query_part = torch.zeros(batch, dim, dtype=torch.float32, device=device)
+
+    def zeros(*shape):
+        return torch.zeros(num_programs, *shape, dtype=torch.float32, device=device)
+
+    part_p, part_pq = zeros(hidden[0], dim), zeros(hidden[0], dim)
+    part_layers = [(zeros(hidden[i + 1], hidden[i]), zeros(hidden[i + 1])) for i in range(len(hidden) - 1)]
+    dummy_layers = part_layers + [(mlp.dummy, mlp.dummy)] * (2 - len(part_layers))
+    part_wo, part_bo = zeros(hidden[-1]), zeros()
+    part_act = zeros(len(hidden), mlp.hmax)
+    if batch > 0:
+        u = mlp.query_bias(query)
+        w2, b2, w3, b3 = mlp.layer_pointers()
+        constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
+        block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], _padded_hidden(constexprs))
+        scratch = (torch.empty(num_programs, block_t, constexprs["H1P"], dtype=torch.float32, device=device)
+                   if h_chunk < constexprs["H1P"] else mlp.dummy)
+        for phase, chunk in phases:
+            _din_attention_bwd_kernel[(num_programs,)](
+                query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
+                mlp.act_packed, span, _mask_bytes(mask, mlp.dummy),
+                grad_pooled, grad_weights, row_max, row_sum, delta,
+                grad_keys, grad_u, grad_query_part,
+                part_p, part_pq, dummy_layers[0][0], dummy_layers[0][1], dummy_layers[1][0], dummy_layers[1][1],
+                part_wo, part_bo, part_act, scratch,
+                batch, seq_len, query.stride(0), keys.stride(0), keys.stride(1), grad_keys.stride(0),
+                grad_keys.stride(1), float(softmax_scale), **constexprs, BLOCK_T=block_t, BD=chunk,
+                PHASE=phase, HC=h_chunk, num_warps=num_warps)
+    # z1 = u + k M with u = q (Wq + Wd)^T + b1 and M = (Wk - Wd)^T + diag(q) Wp^T.
+    sum_p, sum_pq = part_p.sum(0), part_pq.sum(0)
+    grad_uq = grad_u.t() @ query.float()                       # sum_b G_b q_b^T  [H1, D]
+    first_weight = torch.cat([grad_uq, sum_p, grad_uq - sum_p, sum_pq], dim=1)
+    grad_query = grad_query_part + grad_u @ mlp.query_fold
+    return dict(query=grad_query, keys=grad_keys, first_weight=first_weight, first_bias=grad_u.sum(0),
+                layers=[(w.sum(0), b.sum(0)) for w, b in part_layers], score_weight=part_wo.sum(0),
+                score_bias=part_bo.sum(0).reshape(1), act=[part_act[:, i, :h].sum(0) for i, h in enumerate(hidden)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------
+
+_DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_CANONICAL_DIMS = (36, 64, 128)
+_CANONICAL_HIDDEN = ((80, 40), (64, 16), (200,))
+
+
+def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int):
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in pointer_types:
+            signature[arg] = pointer_types[arg]
+        elif arg in scalars:
+            signature[arg] = scalars[arg]
+        else:
+            signature[arg] = "*fp32"
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps}
+
+
+def _aot_specs() -> List[dict]:
+    specs = []
+    for dtype, io in _DTYPE_SIG.items():
+        for dim in _CANONICAL_DIMS:
+            for hidden in _CANONICAL_HIDDEN:
+                for activation in ACTIVATION_CODES:
+                    for normalization in NORMALIZATION_CODES:
+                        for has_mask in (False, True):
+                            sizes = list(hidden) + [1] * (3 - len(hidden))
+                            constexprs = dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]),
+                                              H2=sizes[1], H2P=_padded(sizes[1]), H3=sizes[2],
+                                              H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden),
+                                              ACT=ACTIVATION_CODES[activation],
+                                              NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
+                                              IEEE=dtype == torch.float32)
+                            hidden_p = _padded_hidden(constexprs)
+                            tag = (f"{str(dtype).split('.')[-1]}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
+                                   f"{normalization}{'_mask' if has_mask else ''}")
+                            index_types = {"mask_ptr": "*u8", "span_ptr": "*i32"}
+                            # The forward's BLOCK_T shrinks for sequences shorter than its tile.
+                            forward_configs = sorted({_forward_config(constexprs["DP"], hidden_p, t, dtype)
+                                                      for t in (1, 4096)})
+                            for block_t, chunk, num_warps in forward_configs:
+                                specs.append(_spec(
+                                    f"din_attention_fwd_{tag}_t{block_t}", _din_attention_fwd_kernel,
+                                    dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types),
+                                    dict(T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
+                                         softmax_scale="fp32"),
+                                    dict(constexprs, BLOCK_T=block_t, BD=chunk), num_warps))
+                            block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], hidden_p)
+                            for phase, chunk in phases:
+                                specs.append(_spec(
+                                    f"din_attention_bwd_{tag}_p{phase}", _din_attention_bwd_kernel,
+                                    dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types),
+                                    dict(B="i32", T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
+                                         stride_gkb="i32", stride_gkt="i32", softmax_scale="fp32"),
+                                    dict(constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk),
+                                    num_warps))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
