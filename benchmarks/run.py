@@ -69,9 +69,11 @@ CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "device_name
 # ----------------------------------------------------------------------------------------------
 
 
-def default_grid(op: str, device: str, quick: bool) -> List[Dict[str, int]]:
+def default_grid(op: str, device: str, quick: bool, lengths: str = "full") -> List[Dict[str, int]]:
     """The shapes of ``op``: the full DESIGN §5 grid on CUDA, a smaller one on the CPU; ``quick``
-    keeps the sweeps the plots need (sequence length, embedding size) and little else."""
+    keeps the sweeps the plots need (sequence length, embedding size) and little else.
+    ``lengths="uniform"`` marks the attention shapes whose valid lengths are drawn uniformly
+    from [1, T] instead of all T."""
     gpu = device == "cuda"
     if op == "dice":
         shapes = [(4096, 200), (4096, 80), (409600, 80), (409600, 40)]
@@ -80,14 +82,16 @@ def default_grid(op: str, device: str, quick: bool) -> List[Dict[str, int]]:
         return [dict(N=n, C=c) for n, c in shapes]
     if op == "attention":
         if gpu and not quick:
-            return [dict(B=b, T=t, D=d) for b, t, d in itertools.product((1024, 4096), (50, 100, 1000), (36, 64, 128))]
-        if gpu:
+            shapes = [dict(B=b, T=t, D=d) for b, t, d in itertools.product((1024, 4096), (50, 100, 1000), (36, 64, 128))]
+        elif gpu:
             sweep_t = [dict(B=4096, T=t, D=36) for t in (50, 100, 1000)]
             sweep_d = [dict(B=4096, T=100, D=d) for d in (64, 128)]
-            return [dict(B=1024, T=100, D=36)] + sweep_t + sweep_d
-        if quick:
-            return [dict(B=1024, T=t, D=36) for t in (50, 100)]
-        return [dict(B=1024, T=t, D=36) for t in (50, 100, 1000)] + [dict(B=1024, T=100, D=d) for d in (64, 128)]
+            shapes = [dict(B=1024, T=100, D=36)] + sweep_t + sweep_d
+        elif quick:
+            shapes = [dict(B=1024, T=t, D=36) for t in (50, 100)]
+        else:
+            shapes = [dict(B=1024, T=t, D=36) for t in (50, 100, 1000)] + [dict(B=1024, T=100, D=d) for d in (64, 128)]
+        return shapes if lengths == "full" else [dict(shape, lengths=lengths) for shape in shapes]
     if op == "serving":
         return [dict(C=200, T=100, D=36)]
     if op == "mba":
@@ -279,7 +283,10 @@ def make_attention_case(shape, dtype, device, mode, provider, compiled, activati
     fn = _op_function("attention", provider, compiled, device)
     query = torch.randn(batch, dim, device=device).to(dtype)
     keys = torch.randn(batch, seq_len, dim, device=device).to(dtype)
-    lengths = torch.full((batch,), seq_len, dtype=torch.int64, device=device)
+    if shape.get("lengths") == "uniform":
+        lengths = torch.randint(1, seq_len + 1, (batch,), device=device)
+    else:
+        lengths = torch.full((batch,), seq_len, dtype=torch.int64, device=device)
     weights, biases, act_params = attention_params(dim, HIDDEN, activation, dtype, device)
     training = activation == "dice" and mode == "forward+backward"
     flops, nbytes = roofline.attention_cost(batch, seq_len, dim, HIDDEN, activation, dtype, mode)
@@ -451,6 +458,7 @@ class RunConfig:
     providers: Optional[Sequence[str]] = None
     compile: bool = True
     activation: str = "sigmoid"
+    lengths: str = "full"
     cpu_budget_s: float = 1.0
     cpu_min_repeats: int = 5
     # Wall-clock seconds after which the remaining cases are reported as skipped.
@@ -472,7 +480,7 @@ def run_benchmarks(config: RunConfig, emit: Callable[[dict], None] = lambda row:
     deadline = None if config.time_budget_s is None else time.perf_counter() + config.time_budget_s
     rows = []
     for op in config.ops:
-        grid = config.grids.get(op) or default_grid(op, device, config.quick)
+        grid = config.grids.get(op) or default_grid(op, device, config.quick, config.lengths)
         for shape, dtype_name, mode in itertools.product(grid, config.dtypes, modes_of(op)):
             expected = None
             group = []
@@ -522,7 +530,7 @@ def _prepare(config: RunConfig, op, provider, shape, dtype, mode, compiled, row)
     if provider == "compile" and not config.compile:
         row.update(status="skipped", reason="--no-compile")
         return None, None
-    if provider == "compile" and config.quick and shape != (config.grids.get(op) or default_grid(op, device, True))[0]:
+    if provider == "compile" and config.quick and shape != (config.grids.get(op) or default_grid(op, device, True, config.lengths))[0]:
         # Each new shape costs a fresh compile (about a minute per op and mode on a small CPU).
         row.update(status="skipped", reason="--quick compiles the first shape of each op only")
         return None, None
@@ -678,6 +686,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--activation", default="sigmoid", choices=tuple(roofline.ACTIVATION_FLOPS),
                         help="hidden activation of the attention MLP")
+    parser.add_argument("--lengths", choices=("full", "uniform"), default="full",
+                        help="attention: every position valid (full), or valid lengths drawn uniformly from "
+                             "[1, T] (FLOPs and bytes still count all B x T positions)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 steadies timings on a loaded machine")
     parser.add_argument("--cpu-budget", type=float, default=None,
@@ -706,7 +717,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = args.cpu_budget if args.cpu_budget is not None else (0.3 if args.quick else 1.0)
     config = RunConfig(ops=ops, device=device, quick=args.quick, dtypes=dtypes, compile=not args.no_compile,
                        providers=args.providers.split(",") if args.providers else None,
-                       activation=args.activation, cpu_budget_s=budget)
+                       activation=args.activation, lengths=args.lengths, cpu_budget_s=budget)
     writer = ResultWriter(args.out or None)
     env = environment(device)
     print(f"din_fast benchmarks on {env['device_name']} (torch {env['torch']}, triton {env['triton']}, "
