@@ -214,7 +214,7 @@ class _PointwiseAttention(torch.autograd.Function):
         weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
         batch, seq_len, dim = keys.shape
 
-        grad_weights_of_attn = torch.bmm(values, grad_pooled[:, :, None])[..., 0]
+        grad_weights_of_attn = (values * grad_pooled[:, None, :]).sum(-1)
         if grad_attn is not None:
             grad_weights_of_attn = grad_weights_of_attn + grad_attn
         if normalization == "softmax":
@@ -251,7 +251,6 @@ class _PointwiseAttention(torch.autograd.Function):
                 grads_b[i] = grad_h.sum(0)
                 grad_h = grad_h @ weights[i]
 
-        grads_b[0] = grad_h.sum(0)
         w_u, w_k, w_p = _split_first_layer(weights[0], dim)
         grad_keys = attn[:, :, None] * grad_pooled[:, None, :]
         if packed_rows is None:
@@ -259,9 +258,10 @@ class _PointwiseAttention(torch.autograd.Function):
             grad_per_sample = grad_h1.sum(1)
             grad_folded = torch.bmm(keys.transpose(1, 2), grad_h1)
             grad_keys = grad_keys.baddbmm_(grad_h1, first_layer_input.transpose(1, 2))
-            grad_query = torch.einsum("bdh,hd->bd", grad_folded, w_p)
+            grad_query = (grad_folded * w_p.t()).sum(-1)
             grad_w_k = grad_folded.sum(0).t()
-            grad_w_p = torch.einsum("bdh,bd->hd", grad_folded, query)
+            # sum_b q[b, d] * grad_folded[b, d, :] as D products [1, B] x [B, H].
+            grad_w_p = (query.t()[:, None, :] @ grad_folded.transpose(0, 1))[:, 0].t()
         else:
             sample = packed_rows // seq_len
             grad_per_sample = grad_h.new_zeros(batch, grad_h.shape[1]).index_add_(0, sample, grad_h)
@@ -271,6 +271,7 @@ class _PointwiseAttention(torch.autograd.Function):
             grad_key_rows = grad_input[:, dim:].mul(query.index_select(0, sample)).add_(grad_input[:, :dim])
             grad_keys = grad_keys.view(-1, dim).index_add_(0, packed_rows, grad_key_rows).view(batch, seq_len, dim)
             grad_query = grad_h.new_zeros(batch, dim).index_add_(0, sample, grad_input[:, dim:] * key_rows)
+        grads_b[0] = grad_per_sample.sum(0)
         grad_query = grad_query.addmm_(grad_per_sample, w_u)
         grad_w_u = grad_per_sample.t() @ query
         # W1 = [Wq | Wk | Wd | Wp] enters as Wu = Wq + Wd and Wk' = Wk - Wd.
@@ -278,16 +279,20 @@ class _PointwiseAttention(torch.autograd.Function):
         return (grad_query, grad_keys, None, None, None, None, None, None, *grads_w, *grads_b, *grads_slope)
 
 
-def _rows_to_pack(valid: Optional[Tensor]) -> Optional[Tensor]:
-    """Flat indices of the valid positions when packing pays (see ``PACK_MAX_VALID_FRACTION``).
+def _mask_and_rows_to_pack(valid: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(valid, packed_rows)``: ``valid`` becomes None when every position is valid (no masking
+    needed), and ``packed_rows`` holds the flat indices of the valid positions when packing pays
+    (see ``PACK_MAX_VALID_FRACTION``).
 
-    Reading the count syncs with the device, and the packed size is data-dependent, so nothing
-    is packed while ``torch.compile`` traces.
+    Reading the count syncs with the device, and the packed size is data-dependent, so neither
+    happens while ``torch.compile`` traces.
     """
     if valid is None or torch.compiler.is_compiling():
-        return None
+        return valid, None
     rows = valid.reshape(-1).nonzero().squeeze(1)
-    return rows if rows.numel() <= PACK_MAX_VALID_FRACTION * valid.numel() else None
+    if rows.numel() == valid.numel():
+        return None, None
+    return valid, rows if rows.numel() <= PACK_MAX_VALID_FRACTION * valid.numel() else None
 
 
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
@@ -304,8 +309,9 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
         mask = torch.arange(seq_len, device=keys.device)[None, :] < lengths[:, None]
     if activation != "dice":
         slopes = tuple(layer[0] for layer in act_params) if activation == "prelu" else ()
-        return _PointwiseAttention.apply(query, keys, mask, _rows_to_pack(mask), activation, normalization,
-                                         softmax_scale, len(weights), *weights, *biases, *slopes)
+        mask, packed_rows = _mask_and_rows_to_pack(mask)
+        return _PointwiseAttention.apply(query, keys, mask, packed_rows, activation, normalization, softmax_scale,
+                                         len(weights), *weights, *biases, *slopes)
     w_u, w_k, w_p = _split_first_layer(weights[0], query.shape[-1])
     u = F.linear(query, w_u, biases[0])
     folded = w_k.t() + query[:, :, None] * w_p.t()
