@@ -676,7 +676,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                      description="Benchmark din_fast ops: reference, torch.compile, torch, triton.")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--quick", action="store_true", help="a smaller grid (a few minutes on a 2-core CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller grid (a few minutes on a 2-core CPU; the default on the CPU)")
+    parser.add_argument("--full", action="store_true", help="the full grid on the CPU too (the default on CUDA)")
     parser.add_argument("--out", default="results/bench.jsonl",
                         help="JSON lines appended here, CSV beside it ('' for none)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
@@ -712,10 +714,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}", file=sys.stderr)
         return 2
+    if args.quick and args.full:
+        print("--quick and --full exclude each other", file=sys.stderr)
+        return 2
+    quick = args.quick or (device == "cpu" and not args.full)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = args.cpu_budget if args.cpu_budget is not None else (0.3 if args.quick else 1.0)
-    config = RunConfig(ops=ops, device=device, quick=args.quick, dtypes=dtypes, compile=not args.no_compile,
+    budget = args.cpu_budget if args.cpu_budget is not None else (0.3 if quick else 1.0)
+    config = RunConfig(ops=ops, device=device, quick=quick, dtypes=dtypes, compile=not args.no_compile,
                        providers=args.providers.split(",") if args.providers else None,
                        activation=args.activation, lengths=args.lengths, cpu_budget_s=budget)
     writer = ResultWriter(args.out or None)
