@@ -60,18 +60,28 @@ def _build_model(args, data: InteractionData, counts):
                attention_normalization=args.attention_normalization, **common)
 
 
+def _parameter_groups(args, model) -> list:
+    """With ``--l2``: the embedding tables in a group of their own with dense L2 (weight decay on
+    every row at every step, what frameworks do without eq. 7); else all parameters in one."""
+    if args.l2 == 0:
+        return [{"params": list(model.parameters())}]
+    tables = {id(table.weight) for table in model.embedding_tables().values()}
+    return [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": args.l2},
+            {"params": [p for p in model.parameters() if id(p) not in tables]}]
+
+
 def _build_optimizer(args, model):
     """Adam, or SGD; with ``--mba`` and SGD, MBASGD applies eq. 7 to the embedding tables (the
     model then leaves the penalty out of the loss)."""
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.lr), True
+        return torch.optim.Adam(_parameter_groups(args, model), lr=args.lr), True
     if args.mba > 0:
         from .optim import MBASGD
 
         tables = model.embedding_tables()
         embeddings = [(tables[name], regularizer.counts) for name, regularizer in model.regularizers.items()]
         return MBASGD(model.parameters(), lr=args.lr, embeddings=embeddings, lam=args.mba), False
-    return torch.optim.SGD(model.parameters(), lr=args.lr), True
+    return torch.optim.SGD(_parameter_groups(args, model), lr=args.lr), True
 
 
 def _safe(metric, *values) -> float:
@@ -218,7 +228,7 @@ def train(args) -> int:
     total_seconds = time.perf_counter() - started
     metrics = {"config": {key: value for key, value in vars(args).items() if key != "handler"},
                "data": data.describe(), "model": model.config, "device": str(device),
-               "optimizer": type(optimizer).__name__, "mba_penalty_in_loss": bool(args.mba > 0 and penalty_in_loss),
+               "optimizer": type(optimizer).__name__, "l2": args.l2, "mba_penalty_in_loss": bool(args.mba > 0 and penalty_in_loss),
                "epochs": history, "final": history[-1] if history else None, "total_seconds": total_seconds,
                "plots": plots}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
@@ -299,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice", action="store_true", help="Dice instead of PReLU in the top MLP")
     t.add_argument("--mba", type=_non_negative_float, default=0.0, metavar="LAMBDA",
                    help="mini-batch aware regularization strength (0: off)")
+    t.add_argument("--l2", type=_non_negative_float, default=0.0, metavar="LAMBDA",
+                   help="dense L2 on every embedding row at every step (weight decay), to compare with --mba")
     t.add_argument("--epochs", type=_positive_int, default=3)
     t.add_argument("--batch-size", type=_positive_int, default=256)
     t.add_argument("--eval-batch-size", type=_positive_int, default=4096)
@@ -347,7 +359,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "mba", 0) > 0 and getattr(args, "l2", 0) > 0:
+        parser.error("--mba and --l2 are two ways to regularize the embeddings: choose one")
     if getattr(args, "lr", "absent") is None:
         args.lr = 5e-3 if args.optimizer == "adam" else 1.0
     try:

@@ -81,3 +81,14 @@ def test_missing_data_is_a_readable_error(tmp_path, capsys):
     assert main(["train", "--amazon", str(tmp_path), "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert "reviews_Electronics_5.json" in error and "meta_Electronics.json" in error
+
+
+def test_train_with_dense_l2_and_its_exclusion_of_mba(tmp_path, capsys):
+    out = tmp_path / "l2"
+    assert main(["train", *TINY, "--l2", "0.01", "--optimizer", "sgd", "--lr", "0.1", "--out", str(out),
+                 "--no-plots"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["l2"] == 0.01 and metrics["optimizer"] == "SGD"
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--l2", "0.01", "--mba", "0.01"])
+    assert "choose one" in capsys.readouterr().err
