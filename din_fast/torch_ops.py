@@ -133,6 +133,15 @@ def _split_first_layer(weight: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor
     return w_query + w_diff, w_key - w_diff, w_prod
 
 
+def _folded_first_layer(query: Tensor, keys: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """``h1 = u_b + k M_b``: query ``[B, D]``, keys ``[B, T, D]``, ``W1`` ``[H1, 4D]``, ``b1`` ``[H1]``
+    -> ``(h1 [B, T, H1], M [B, D, H1])``."""
+    w_u, w_k, w_p = _split_first_layer(weight, query.shape[-1])
+    folded = w_k.t() + query[:, :, None] * w_p.t()
+    # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
+    return torch.bmm(keys, folded).add_(F.linear(query, w_u, bias)[:, None, :]), folded
+
+
 def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, softmax_scale: float) -> Tensor:
     """Scores ``[B, T]`` -> weights ``[B, T]``, 0 on padding; an all-padding row gets zeros."""
     if normalization == "none":
@@ -168,13 +177,12 @@ class _PointwiseAttention(torch.autograd.Function):
         """``packed_rows``: int64 ``[N]`` flat indices of the valid positions to pack, or None."""
         weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
         batch, seq_len, dim = keys.shape
-        w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-        per_sample = F.linear(query, w_u, biases[0])
         if packed_rows is None:
-            first_layer_input = w_k.t() + query[:, :, None] * w_p.t()
-            # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
-            h = torch.bmm(keys, first_layer_input).add_(per_sample[:, None, :]).view(batch * seq_len, -1)
+            h, first_layer_input = _folded_first_layer(query, keys, weights[0], biases[0])
+            h = h.view(batch * seq_len, -1)
         else:
+            w_u, w_k, w_p = _split_first_layer(weights[0], dim)
+            per_sample = F.linear(query, w_u, biases[0])
             sample = packed_rows // seq_len
             key_rows = keys.reshape(-1, dim).index_select(0, packed_rows)
             first_layer_input = torch.cat([key_rows, key_rows * query.index_select(0, sample)], dim=1)
@@ -312,10 +320,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
         mask, packed_rows = _mask_and_rows_to_pack(mask)
         return _PointwiseAttention.apply(query, keys, mask, packed_rows, activation, normalization, softmax_scale,
                                          len(weights), *weights, *biases, *slopes)
-    w_u, w_k, w_p = _split_first_layer(weights[0], query.shape[-1])
-    u = F.linear(query, w_u, biases[0])
-    folded = w_k.t() + query[:, :, None] * w_p.t()
-    h1 = torch.baddbmm(u[:, None, :], keys, folded)
+    h1, _ = _folded_first_layer(query, keys, weights[0], biases[0])
     dice_mask = mask if dice_stats == "valid" else None
     scores = _score_layers(h1, weights, biases, activation, act_params, dice_mask, training, momentum, eps)
     attn = _normalize(scores, mask, normalization, softmax_scale)
