@@ -179,6 +179,59 @@ def _load_fold_block(ptr, offs_c, c_ok, offs_h, H1: tl.constexpr):
 
 
 @triton.jit
+def _load_w2_columns(w2_ptr, offs_hc, H1: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
+                     TRANSPOSE: tl.constexpr):
+    """Columns ``offs_hc`` of the second layer's fp32 ``[H2, H1]`` weight: ``[H2P, HC]``, or its
+    transpose ``[HC, H2P]``."""
+    offs_h2 = tl.arange(0, H2P)
+    if TRANSPOSE:
+        ptrs = w2_ptr + offs_h2[None, :] * H1 + offs_hc[:, None]
+        keep = (offs_h2 < H2)[None, :] & (offs_hc < H1)[:, None]
+    else:
+        ptrs = w2_ptr + offs_h2[:, None] * H1 + offs_hc[None, :]
+        keep = (offs_h2 < H2)[:, None] & (offs_hc < H1)[None, :]
+    return tl.load(ptrs, mask=keep, other=0.0)
+
+
+@triton.jit
+def _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_row, ACT: tl.constexpr, PHASE: tl.constexpr,
+                          H1: tl.constexpr, H1P: tl.constexpr):
+    """``dz1`` of a whole ``[BLOCK_T, H1P]`` tile; PHASE 1 also adds its activation-parameter
+    and ``G_b`` sums."""
+    grad_z1, grad_param = _activation_backward(z1, grad_h, a0, a1, a2, ACT)
+    if PHASE == 1:
+        _accumulate_vector(part_act, tl.sum(grad_param, axis=0), H1, H1P)
+        _accumulate_vector(grad_u_row, tl.sum(grad_z1, axis=0), H1, H1P)
+    return grad_z1
+
+
+@triton.jit
+def _mlp_vectors(act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr,
+                 H2P: tl.constexpr, H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr,
+                 NUM_HIDDEN: tl.constexpr):
+    """The per-channel vectors of the MLP: activation parameters and bias of each hidden layer
+    (zeros for absent layers), then the score layer's weight and bias."""
+    a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+    b2 = tl.zeros([H2P], dtype=tl.float32)
+    c0, c1, c2 = b2, b2, b2
+    b3 = tl.zeros([H3P], dtype=tl.float32)
+    e0, e1, e2 = b3, b3, b3
+    if NUM_HIDDEN >= 2:
+        b2 = _load_vector(b2_ptr, H2, H2P)
+        c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+    if NUM_HIDDEN >= 3:
+        b3 = _load_vector(b3_ptr, H3, H3P)
+        e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+    if NUM_HIDDEN == 1:
+        wo = _load_vector(wo_ptr, H1, H1P)
+    elif NUM_HIDDEN == 2:
+        wo = _load_vector(wo_ptr, H2, H2P)
+    else:
+        wo = _load_vector(wo_ptr, H3, H3P)
+    return a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, tl.load(bo_ptr)
+
+
+@triton.jit
 def _folded_first_layer(q, wkd_ptr, wp_ptr, D: tl.constexpr, DP: tl.constexpr, H1: tl.constexpr,
                         H1P: tl.constexpr):
     """``M_b = (Wk - Wd)^T + diag(q) Wp^T`` as a ``[DP, H1P]`` tile."""
@@ -232,20 +285,8 @@ def _din_attention_fwd_kernel(
     u = _load_vector(u_ptr + sample * H1, H1, H1P)
     if BD == DP:
         fold = _folded_first_layer(q, wkd_ptr, wp_ptr, D, DP, H1, H1P)
-    a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
-    if NUM_HIDDEN >= 2:
-        b2 = _load_vector(b2_ptr, H2, H2P)
-        c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
-    if NUM_HIDDEN >= 3:
-        b3 = _load_vector(b3_ptr, H3, H3P)
-        e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
-    if NUM_HIDDEN == 1:
-        wo = _load_vector(wo_ptr, H1, H1P)
-    elif NUM_HIDDEN == 2:
-        wo = _load_vector(wo_ptr, H2, H2P)
-    else:
-        wo = _load_vector(wo_ptr, H3, H3P)
-    bo = tl.load(bo_ptr)
+        a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, bo = _mlp_vectors(
+            act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
 
     row_max = tl.full([], _NEG_BIG, tl.float32)
     row_sum = tl.full([], 0.0, tl.float32)
@@ -255,9 +296,14 @@ def _din_attention_fwd_kernel(
     for tile in range(0, num_tiles):
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         in_span, valid = _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK)
-        k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
-                    mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if BD < DP:
+            # Re-read each tile (cache hits): the chunked 3xTF32 products leave no registers
+            # to hold them across tiles.
+            a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, bo = _mlp_vectors(
+            act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
         if BD == DP:
+            k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                        mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             z1 = u[None, :] + _mm(k, fold, IEEE)
         else:
             # D in chunks, the fold rebuilt from cached weights: holding a [D, H1] fold and
@@ -278,6 +324,10 @@ def _din_attention_fwd_kernel(
         if NUM_HIDDEN >= 3:
             h = _activation(_mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :], e0, e1, e2, ACT)
         score = tl.sum(h * wo[None, :], axis=1) + bo
+        if BD < DP:
+            # Read only now (cache hits): held across the chunked products it would spill.
+            k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                        mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if NORM == 0:
             w = tl.where(valid, score, 0.0)
             acc += tl.sum(w[:, None] * k, axis=0)
@@ -341,8 +391,9 @@ def _din_attention_bwd_kernel(
     ``sum dz1^T k`` and ``sum dz1^T (k * q)`` ``[P, H1, D]``, layer 2/3 weights and biases,
     score-layer weight ``[P, Hn]`` and bias ``[P]``, activation parameters ``[P, NUM_HIDDEN, HMAX]``.
 
-    With HC < H1P, ``z1`` and then ``dz1`` pass through scratch ``[P, BLOCK_T, H1P]`` fp32 (this
-    program's slice, cache-resident) so that the H1-deep products run in chunks of HC.
+    With HC < H1P, ``z1`` and ``dz1`` pass through scratch ``[P, 2, BLOCK_T, H1P]`` fp32 (this
+    program's slice, cache-resident) so that every H1-deep product (layer 2 both ways, layer 2's
+    weight gradient, the first layer's backward) runs in chunks of HC.
     The work is split in two launches that each recompute the MLP (one pass would need more
     registers than there are): PHASE 1 (keys, and all but the first layer's parameters) and
     PHASE 2 (query, and the first layer's weight sums).
@@ -403,27 +454,30 @@ def _din_attention_bwd_kernel(
                 grad_w += tl.sum(k * g_c[None, :], axis=1)
             # Recompute the rest of the forward, keeping only pre-activations (activations are
             # recomputed where needed: registers, not arithmetic, bound this kernel).
-            h = _activation(z1, a0, a1, a2, ACT)
+            if HC < H1P:
+                # H1-deep products run in chunks of HC read back from this program's scratch
+                # tiles (z1, then dz1): a register tile cannot be sliced, and an H1-deep dot
+                # operand costs every warp 16 x H1 registers.
+                offs_row = tl.arange(0, BLOCK_T)
+                z1_scratch = scratch_ptr + pid * 2 * BLOCK_T * H1P
+                grad_scratch = z1_scratch + BLOCK_T * H1P
             if NUM_HIDDEN >= 2:
                 if HC < H1P:
-                    # H1-deep product in chunks of HC through the scratch tile (see below).
-                    offs_row = tl.arange(0, BLOCK_T)
-                    scratch = scratch_ptr + pid * BLOCK_T * H1P
-                    tl.store(scratch + offs_row[:, None] * H1P + offs_h1[None, :], z1)
+                    tl.store(z1_scratch + offs_row[:, None] * H1P + offs_h1[None, :], z1)
                     tl.debug_barrier()
                     z2 = tl.zeros([BLOCK_T, H2P], dtype=tl.float32) + b2[None, :]
                     for h_chunk in range(0, H1P // HC):
                         offs_hc = h_chunk * HC + tl.arange(0, HC)
-                        z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                        z1_c = tl.load(z1_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
                         p0, p1, p2 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
-                        w2t_c = tl.load(w2_ptr + tl.arange(0, H2P)[None, :] * H1 + offs_hc[:, None],
-                                        mask=(tl.arange(0, H2P) < H2)[None, :] & (offs_hc < H1)[:, None], other=0.0)
-                        z2 += _mm(_activation(z1_c, p0, p1, p2, ACT), w2t_c, IEEE)
-                    # Other threads may still read z1 when dz1 overwrites the scratch tile.
-                    tl.debug_barrier()
+                        z2 += _mm(_activation(z1_c, p0, p1, p2, ACT),
+                                  _load_w2_columns(w2_ptr, offs_hc, H1, H2, H2P, True), IEEE)
                 else:
-                    z2 = _mm(h, _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE) + b2[None, :]
+                    z2 = (_mm(_activation(z1, a0, a1, a2, ACT), _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE)
+                          + b2[None, :])
                 h = _activation(z2, c0, c1, c2, ACT)
+            else:
+                h = _activation(z1, a0, a1, a2, ACT)
             if NUM_HIDDEN >= 3:
                 z3 = _mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :]
                 h = _activation(z3, e0, e1, e2, ACT)
@@ -459,24 +513,48 @@ def _din_attention_bwd_kernel(
                 if PHASE == 1:
                     _accumulate_vector(part_act + HMAX, tl.sum(grad_param, axis=0), H2, H2P)
                     _accumulate_vector(part_b2_ptr + pid * H2, tl.sum(grad_z, axis=0), H2, H2P)
-                    _accumulate_matrix(part_w2_ptr + pid * H2 * H1,
-                                       _mm(tl.trans(grad_z), _activation(z1, a0, a1, a2, ACT), IEEE), H2, H1, H2P, H1P)
-                grad_h = _mm(grad_z, _load_matrix(w2_ptr, H2, H1, H2P, H1P, False), IEEE)
-            grad_z1, grad_param = _activation_backward(z1, grad_h, a0, a1, a2, ACT)
-            if PHASE == 1:
-                _accumulate_vector(part_act, tl.sum(grad_param, axis=0), H1, H1P)
-                _accumulate_vector(grad_u_ptr + sample * H1, tl.sum(grad_z1, axis=0), H1, H1P)
+                if HC < H1P:
+                    # Layer 2's weight gradient and dz1, H1 chunk by H1 chunk: dz1 goes to its
+                    # own scratch tile (other threads may still read the z1 chunk).
+                    offs_h2 = tl.arange(0, H2P)
+                    for h_chunk in range(0, H1P // HC):
+                        offs_hc = h_chunk * HC + tl.arange(0, HC)
+                        z1_c = tl.load(z1_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                        p0, p1, p2 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
+                        hc_ok = offs_hc < H1
+                        if PHASE == 1:
+                            w2_offs = part_w2_ptr + pid * H2 * H1 + offs_h2[:, None] * H1 + offs_hc[None, :]
+                            w2_ok = (offs_h2 < H2)[:, None] & hc_ok[None, :]
+                            tl.store(w2_offs, tl.load(w2_offs, mask=w2_ok, other=0.0)
+                                     + _mm(tl.trans(grad_z), _activation(z1_c, p0, p1, p2, ACT), IEEE), mask=w2_ok)
+                        grad_z1_c, grad_param_c = _activation_backward(
+                            z1_c, _mm(grad_z, _load_w2_columns(w2_ptr, offs_hc, H1, H2, H2P, False), IEEE),
+                            p0, p1, p2, ACT)
+                        if PHASE == 1:
+                            act_offs = part_act + offs_hc
+                            tl.store(act_offs, tl.load(act_offs, mask=hc_ok, other=0.0) + tl.sum(grad_param_c, axis=0),
+                                     mask=hc_ok)
+                            u_offs = grad_u_ptr + sample * H1 + offs_hc
+                            tl.store(u_offs, tl.load(u_offs, mask=hc_ok, other=0.0) + tl.sum(grad_z1_c, axis=0),
+                                     mask=hc_ok)
+                        tl.store(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :], grad_z1_c)
+                else:
+                    if PHASE == 1:
+                        _accumulate_matrix(part_w2_ptr + pid * H2 * H1,
+                                           _mm(tl.trans(grad_z), _activation(z1, a0, a1, a2, ACT), IEEE),
+                                           H2, H1, H2P, H1P)
+                    grad_h = _mm(grad_z, _load_matrix(w2_ptr, H2, H1, H2P, H1P, False), IEEE)
+                    grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_ptr + sample * H1, ACT,
+                                                    PHASE, H1, H1P)
+            else:
+                grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_ptr + sample * H1, ACT,
+                                                PHASE, H1, H1P)
+                if HC < H1P:
+                    tl.store(grad_scratch + offs_row[:, None] * H1P + offs_h1[None, :], grad_z1)
+            if HC < H1P:
+                tl.debug_barrier()
 
             # Through z1 = u + k M_b, M_b = (Wk - Wd)^T + diag(q) Wp^T, chunk by chunk over D.
-            grad_z1_t = tl.trans(grad_z1)
-            if HC < H1P:
-                # The H1-deep products below run in H1 chunks of HC read back from this
-                # program's scratch tile: a register tile cannot be sliced, and an H1-deep dot
-                # operand costs every warp 16 x H1 registers.
-                offs_row = tl.arange(0, BLOCK_T)
-                scratch = scratch_ptr + pid * BLOCK_T * H1P
-                tl.store(scratch + offs_row[:, None] * H1P + offs_h1[None, :], grad_z1)
-                tl.debug_barrier()
             for chunk in range(0, DP // BD):
                 offs_c = chunk * BD + tl.arange(0, BD)
                 c_ok = offs_c < D
@@ -493,7 +571,7 @@ def _din_attention_bwd_kernel(
                     else:
                         for h_chunk in range(0, H1P // HC):
                             offs_hc = h_chunk * HC + tl.arange(0, HC)
-                            grad_z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                            grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
                             wp_t = _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1)
                             fold_t = _load_fold_block(wkd_ptr, offs_c, c_ok, offs_hc, H1) + wp_t * q_c[None, :]
                             grad_k += _mm(grad_z1_c, fold_t, IEEE)
@@ -507,10 +585,14 @@ def _din_attention_bwd_kernel(
                         through_wp = tl.zeros([BLOCK_T, BD], dtype=tl.float32)
                         for h_chunk in range(0, H1P // HC):
                             offs_hc = h_chunk * HC + tl.arange(0, HC)
-                            grad_z1_c = tl.load(scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                            grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
                             through_wp += _mm(grad_z1_c, _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1), IEEE)
                     tl.store(query_ptrs, tl.load(query_ptrs, mask=c_ok, other=0.0)
                              + tl.sum(through_wp * k, axis=0), mask=c_ok)
+                    if HC == H1P:
+                        grad_z1_t = tl.trans(grad_z1)
+                    else:
+                        grad_z1_t = tl.load(grad_scratch + offs_row[None, :] * H1P + offs_h1[:, None])
                     part_offs = offs_h1[:, None] * D + offs_c[None, :]
                     part_ok = (offs_h1 < H1)[:, None] & c_ok[None, :]
                     tl.store(part_p + part_offs, tl.load(part_p + part_offs, mask=part_ok, other=0.0)
@@ -598,13 +680,17 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
     return block, chunk, (8 if wide else 4)
 
 
-def _backward_config(dim_p: int, hidden_p: Sequence[int]) -> Tuple[int, int, int, Tuple[Tuple[int, int], ...]]:
+def _backward_config(dim_p: int, hidden_p: Sequence[int], dtype: torch.dtype
+                     ) -> Tuple[int, int, int, Tuple[Tuple[int, int], ...]]:
     """``(BLOCK_T, num_warps, HC, ((PHASE, BD), ...))`` of the backward. It keeps several
     ``[BLOCK_T, H]`` tiles live, so it works on 16-row tiles, D in chunks of BD, H1-deep
     products in chunks of HC, and in two recomputing passes (the second, with its
     ``[H1, BD]`` weight sums, on narrower chunks): one pass needs more registers than there
-    are on sm_80/sm_90 for the canonical shapes."""
-    return 16, 8, min(hidden_p[0], 32), ((1, min(dim_p, 32)), (2, 16))
+    are on sm_80/sm_90 for the canonical shapes. HC is chosen by measurement (the compile
+    gate's phase-1 spills): 16 where a second layer follows, 32 for a single hidden layer and
+    for fp32 at D > 64, which spill with 16-wide chunks."""
+    narrow = len(hidden_p) >= 2 and not (dtype == torch.float32 and dim_p > 64)
+    return 16, 8, min(hidden_p[0], 16 if narrow else 32), ((1, min(dim_p, 32)), (2, 16))
 
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -716,8 +802,9 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
         u = mlp.query_bias(query)
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-        block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], _padded_hidden(constexprs))
-        scratch = (torch.empty(num_programs, block_t, constexprs["H1P"], dtype=torch.float32, device=device)
+        block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], _padded_hidden(constexprs),
+                                                                          keys.dtype)
+        scratch = (torch.empty(num_programs, 2, block_t, constexprs["H1P"], dtype=torch.float32, device=device)
                    if h_chunk < constexprs["H1P"] else mlp.dummy)
         for phase, chunk in phases:
             _din_attention_bwd_kernel[(num_programs,)](
@@ -792,7 +879,7 @@ def _aot_specs() -> List[dict]:
                                     dict(T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
                                          softmax_scale="fp32"),
                                     dict(constexprs, BLOCK_T=block_t, BD=chunk), num_warps))
-                            block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], hidden_p)
+                            block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], hidden_p, dtype)
                             for phase, chunk in phases:
                                 specs.append(_spec(
                                     f"din_attention_bwd_{tag}_p{phase}", _din_attention_bwd_kernel,
