@@ -59,17 +59,24 @@ def _mba_penalty_forward_kernel(weight_ptr, rows_ptr, row_counts_ptr, out_ptr, n
 
 
 @triton.jit
+def _batch_row_tile(rows_ptr, row_counts_ptr, num_rows, dim, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
+    """This program's tile (grid axis 0: unique rows, axis 1: columns): the row ids (int64
+    [BLOCK_ROWS]), their counts n_j ([BLOCK_ROWS], 1 where masked), the columns ([BLOCK_D]) and
+    the tile mask ([BLOCK_ROWS, BLOCK_D])."""
+    offs_u = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = offs_u < num_rows
+    rows = tl.load(rows_ptr + offs_u, mask=row_mask, other=0).to(tl.int64)
+    n = tl.load(row_counts_ptr + offs_u, mask=row_mask, other=1).to(ACC_DTYPE)
+    return rows, n, cols, row_mask[:, None] & (cols[None, :] < dim)
+
+
+@triton.jit
 def _mba_penalty_backward_kernel(weight_ptr, rows_ptr, row_counts_ptr, coef_ptr, grad_weight_ptr, num_rows, dim,
                                  stride_weight, stride_grad, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                                  ACC_DTYPE: tl.constexpr):
-    pid_u = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_u = pid_u * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_mask = offs_u < num_rows
-    mask = row_mask[:, None] & (cols[None, :] < dim)
-    rows = tl.load(rows_ptr + offs_u, mask=row_mask, other=0).to(tl.int64)
-    n = tl.load(row_counts_ptr + offs_u, mask=row_mask, other=1).to(ACC_DTYPE)
+    rows, n, cols, mask = _batch_row_tile(rows_ptr, row_counts_ptr, num_rows, dim, BLOCK_ROWS, BLOCK_D, ACC_DTYPE)
     coef = tl.load(coef_ptr).to(ACC_DTYPE)
     w = tl.load(weight_ptr + rows[:, None] * stride_weight + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     grad = (coef / n)[:, None] * w
@@ -81,14 +88,7 @@ def _mba_penalty_backward_kernel(weight_ptr, rows_ptr, row_counts_ptr, coef_ptr,
 def _mba_sgd_dense_kernel(weight_ptr, grad_ptr, rows_ptr, row_counts_ptr, num_rows, dim, stride_weight, stride_grad,
                           lam_hi, lam_lo, lr_hi, lr_lo, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                           ACC_DTYPE: tl.constexpr):
-    pid_u = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_u = pid_u * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_mask = offs_u < num_rows
-    mask = row_mask[:, None] & (cols[None, :] < dim)
-    rows = tl.load(rows_ptr + offs_u, mask=row_mask, other=0).to(tl.int64)
-    n = tl.load(row_counts_ptr + offs_u, mask=row_mask, other=1).to(ACC_DTYPE)
+    rows, n, cols, mask = _batch_row_tile(rows_ptr, row_counts_ptr, num_rows, dim, BLOCK_ROWS, BLOCK_D, ACC_DTYPE)
     lam = tl.cast(lam_hi, ACC_DTYPE) + tl.cast(lam_lo, ACC_DTYPE)
     lr = tl.cast(lr_hi, ACC_DTYPE) + tl.cast(lr_lo, ACC_DTYPE)
     w_ptrs = weight_ptr + rows[:, None] * stride_weight + cols[None, :]
