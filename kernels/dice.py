@@ -134,12 +134,9 @@ def _load_valid(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, y_ptr, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
-                                  run_var_ptr, M, C, momentum, eps, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
-    """Training forward for M <= BLOCK_M: statistics, running update and output in one launch.
-    Grid: (cdiv(C, BLOCK_C),). Needs M * C < 2**31."""
-    pid_c = tl.program_id(0)
+def _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """All M rows of channel block ``pid_c`` for the one-launch kernels: rows [BLOCK_M], cols
+    [BLOCK_C], their masks, the tile mask, the int32 offsets and x upcast to fp32."""
     rows = tl.arange(0, BLOCK_M)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < M
@@ -147,6 +144,17 @@ def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, y_ptr, mean_ptr, v
     tile_ok = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    return rows, cols, row_ok, col_ok, tile_ok, offs, x
+
+
+@triton.jit
+def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, y_ptr, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
+                                  run_var_ptr, M, C, momentum, eps, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """Training forward for M <= BLOCK_M: statistics, running update and output in one launch.
+    Grid: (cdiv(C, BLOCK_C),). Needs M * C < 2**31."""
+    pid_c = tl.program_id(0)
+    rows, cols, row_ok, col_ok, tile_ok, offs, x = _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M, BLOCK_C)
     valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
     count, mean, m2 = _tile_moments(x, valid, BLOCK_M)
     var = _finalize_statistics(count, mean, m2, cols, col_ok, pid_c == 0, mean_ptr, var_ptr, count_ptr, run_mean_ptr,
@@ -253,13 +261,7 @@ def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, mean_ptr, 
     """dx and dalpha (fp32 [C]) for M <= BLOCK_M in one launch. Grid: (cdiv(C, BLOCK_C),).
     Needs M * C < 2**31."""
     pid_c = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    col_ok = cols < C
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    rows, cols, row_ok, col_ok, tile_ok, offs, x = _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M, BLOCK_C)
     g = tl.load(g_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
     alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
