@@ -32,20 +32,23 @@ def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, lik
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
-         backend: str = "auto") -> Tensor:
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Dice activation (eq. 9) of ``x`` ``[N, C]`` or ``[N, T, C]`` (channels last).
 
     ``mask`` (bool, ``x.shape[:-1]``) limits the batch statistics to its true positions. In
     training the running statistics (``[C]`` each, optional) are updated in place with
-    BatchNorm's conventions; in inference they are required and used.
+    BatchNorm's conventions; in inference they are required and used. ``weight`` and ``bias``
+    (``[C]``, given together) make the gate affine: ``sigmoid(weight * x_hat + bias)``.
     """
     V.check_tensor("x", x, ndim=(2, 3), floating=True)
     channels = x.shape[-1]
-    _check_channel_vector("alpha", alpha, channels, x)
-    _check_channel_vector("running_mean", running_mean, channels, x)
-    _check_channel_vector("running_var", running_var, channels, x)
+    for name, value in (("alpha", alpha), ("running_mean", running_mean), ("running_var", running_var),
+                        ("weight", weight), ("bias", bias)):
+        _check_channel_vector(name, value, channels, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias (the affine gate) must be given together")
     if not training and running_mean is None:
         raise ValueError("inference (training=False) needs running_mean and running_var")
     if mask is not None:
@@ -59,7 +62,8 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
     op = get_op(resolve_backend(backend, x.device, "dice", x.dtype), "dice")
-    return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps)
+    return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps,
+              weight=weight, bias=bias)
 
 
 def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,
@@ -84,17 +88,19 @@ def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[T
     if weights[-1].shape[0] != 1:
         raise ValueError(f"the last layer must output one score, got weights[-1] of shape {tuple(weights[-1].shape)}")
     hidden = [w.shape[0] for w in weights[:-1]]
-    n_params = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}[activation]
+    # Dice: (alpha, running_mean, running_var), plus (weight, bias) for the affine gate.
+    arities = {"sigmoid": (0,), "relu": (0,), "prelu": (1,), "dice": (3, 5)}[activation]
     if act_params is None:
-        if n_params:
+        if arities[0]:
             raise ValueError(f"activation={activation!r} needs act_params, one tuple per hidden layer")
         return tuple(() for _ in hidden)
     if len(act_params) != len(hidden):
         raise ValueError(f"act_params must hold one tuple per hidden layer ({len(hidden)}), got {len(act_params)}")
+    expected = " or ".join(str(n) for n in arities)
     for i, (params, width) in enumerate(zip(act_params, hidden)):
-        if len(params) != n_params:
-            raise ValueError(f"act_params[{i}] must hold {n_params} tensors for activation={activation!r}, "
-                             f"got {len(params)}")
+        if len(params) not in arities or len(params) != len(act_params[0]):
+            raise ValueError(f"act_params[{i}] must hold {expected} tensors for activation={activation!r}, the same "
+                             f"number in every layer, got {len(params)}")
         for j, p in enumerate(params):
             sizes = (width, 1) if activation == "prelu" else (width,)
             _check_channel_vector(f"act_params[{i}][{j}]", p, width, like, sizes)

@@ -31,14 +31,17 @@ class Dice(nn.Module):
         num_features: channels ``C``.
         eps: added to the variance.
         momentum: weight of the new batch in the running statistics.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) applied to the
+            normalized input before the sigmoid, as the peer libraries' Dice (a ``BatchNorm1d``)
+            does; the paper's Dice has none.
         backend: see ``din_fast.backend``.
 
     Shape:
         x: ``[N, C]`` or ``[N, T, C]``; mask: bool ``x.shape[:-1]``; output like x.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, backend: str = "auto",
-                 device=None, dtype=None):
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False,
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -48,6 +51,13 @@ class Dice(nn.Module):
         self.backend = V.check_choice("backend", backend, BACKENDS)
         factory = dict(device=device, dtype=dtype)
         self.alpha = nn.Parameter(torch.zeros(num_features, **factory))
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
@@ -57,10 +67,17 @@ class Dice(nn.Module):
             raise ValueError(f"x must have {self.num_features} channels in its last dimension (num_features), "
                              f"got shape {tuple(x.shape)}")
         return functional.dice(x, self.alpha, self.running_mean, self.running_var, mask, training=self.training,
-                               momentum=self.momentum, eps=self.eps, backend=self.backend)
+                               momentum=self.momentum, eps=self.eps, weight=self.weight, bias=self.bias,
+                               backend=self.backend)
+
+    def parameters_for_mlp(self) -> Tuple[Tensor, ...]:
+        """This activation's entry of ``act_params`` (see ``din_fast.reference``)."""
+        own = (self.alpha, self.running_mean, self.running_var)
+        return own + (self.weight, self.bias) if self.affine else own
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, backend={self.backend!r}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"backend={self.backend!r}")
 
 
 class LocalActivationUnit(nn.Module):
@@ -102,7 +119,7 @@ class LocalActivationUnit(nn.Module):
         if self.activation == "prelu":
             act_params = tuple((act.weight,) for act in self.activations)
         elif self.activation == "dice":
-            act_params = tuple((act.alpha, act.running_mean, act.running_var) for act in self.activations)
+            act_params = tuple(act.parameters_for_mlp() for act in self.activations)
         else:
             act_params = None
         arguments = dict(weights=tuple(layer.weight for layer in self.layers),

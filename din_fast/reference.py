@@ -11,7 +11,8 @@ Conventions shared with the other backends:
   layer maps to one score.
 * ``act_params[i]`` holds the parameters of hidden layer i's activation: ``()`` for sigmoid and
   relu (an empty ``act_params`` will do for these), ``(prelu_weight,)`` (``[H_i]`` or ``[1]``) for prelu, ``(alpha, running_mean,
-  running_var)`` (each ``[H_i]``) for dice.
+  running_var)`` (each ``[H_i]``) for dice, or ``(alpha, running_mean, running_var, weight, bias)``
+  for the affine Dice of the peer libraries (see ``dice``).
 * Valid positions are given by ``lengths`` ``[B]`` (positions ``t >= lengths[b]`` are padding) or
   a boolean ``mask`` ``[B, T]``; with neither, every position is valid. Padding contributes
   nothing to the pooled output, and its weight is 0.
@@ -58,8 +59,13 @@ def dice_statistics(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, 
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8) -> Tensor:
+         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """Dice: ``f(s) = p(s) * s + (1 - p(s)) * alpha * s``, ``p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps))``.
+
+    With ``weight`` and ``bias`` (the affine Dice of DeepCTR and other peer libraries, a
+    ``BatchNorm1d`` with its affine transform before the sigmoid):
+    ``p(s) = sigmoid(weight * (s - E[s]) / sqrt(Var[s] + eps) + bias)``.
 
     Args:
         x: ``[..., C]`` floating input, channels last.
@@ -69,6 +75,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         mask: optional bool ``x.shape[:-1]``: only true positions count in the batch statistics.
             Every position still gets an output.
         training: batch statistics (and a running-statistics update) if true, running ones if not.
+        weight, bias: optional ``[C]``, given together: the affine gate.
 
     Returns:
         ``[..., C]`` like ``x``.
@@ -78,7 +85,10 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     else:
         mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
-    p = torch.sigmoid((x - mean) / torch.sqrt(var + eps))
+    x_hat = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        x_hat = weight * x_hat + bias
+    p = torch.sigmoid(x_hat)
     return p * x + (1 - p) * alpha * x
 
 
@@ -98,8 +108,10 @@ def apply_activation(h: Tensor, activation: str, params: Sequence[Tensor], *, di
         (weight,) = params
         return torch.where(h >= 0, h, weight * h)
     if activation == "dice":
-        alpha, running_mean, running_var = params
-        return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps)
+        alpha, running_mean, running_var, *affine = params
+        weight, bias = affine or (None, None)
+        return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps,
+                    weight=weight, bias=bias)
     raise ValueError(f"activation must be one of sigmoid, relu, prelu, dice, got {activation!r}")
 
 

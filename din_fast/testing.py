@@ -45,12 +45,14 @@ def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def random_attention_mlp(dim: int, hidden, activation: str, dtype: torch.dtype = torch.float32, device="cpu"):
+def random_attention_mlp(dim: int, hidden, activation: str, dtype: torch.dtype = torch.float32, device="cpu",
+                         dice_affine: bool = False):
     """Random parameters of an activation-unit MLP in ``din_fast.reference``'s layout.
 
     Returns ``(weights, biases, act_params)``: ``weights[i]`` ``[out, in]`` with fan-in scaling,
     nonzero biases, PReLU slopes around 0.25, Dice alphas in (0, 1) with running statistics away
-    from the defaults, so that no term of the math is trivially zero.
+    from the defaults (and, with ``dice_affine``, gate weights around 1 with some negative and
+    nonzero gate biases), so that no term of the math is trivially zero.
     """
     factory = dict(dtype=dtype, device=device)
     widths = (4 * dim,) + tuple(hidden) + (1,)
@@ -61,6 +63,9 @@ def random_attention_mlp(dim: int, hidden, activation: str, dtype: torch.dtype =
     elif activation == "dice":
         act_params = [(torch.rand(h, **factory), 0.1 * torch.randn(h, **factory), 0.5 + torch.rand(h, **factory))
                       for h in hidden]
+        if dice_affine:
+            act_params = [layer + (1 + 0.8 * torch.randn(h, **factory), 0.3 * torch.randn(h, **factory))
+                          for layer, h in zip(act_params, hidden)]
     else:
         act_params = [() for _ in hidden]
     return weights, biases, act_params

@@ -52,25 +52,35 @@ class _DiceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, mean, rstd, batch_stats, keep, count):
+    def forward(ctx, x, alpha, mean, rstd, batch_stats, keep, count, weight, bias):
         """x [M, C]; alpha, mean, rstd [C]; batch_stats: whether mean and rstd are this batch's
         (their gradient terms apply); keep [M] bool: the positions behind them (None: all);
-        count []: how many."""
+        count []: how many; weight, bias [C] or None: the affine gate."""
         ctx.batch_stats = batch_stats
-        ctx.save_for_backward(x, alpha, mean, rstd, keep, count)
-        return (x - mean).mul_(rstd).sigmoid_().mul_(1 - alpha).add_(alpha).mul_(x)
+        ctx.save_for_backward(x, alpha, mean, rstd, keep, count, weight, bias)
+        gate_input = (x - mean).mul_(rstd)
+        if weight is not None:
+            gate_input = gate_input.mul_(weight).add_(bias)
+        return gate_input.sigmoid_().mul_(1 - alpha).add_(alpha).mul_(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, alpha, mean, rstd, keep, count = ctx.saved_tensors
+        x, alpha, mean, rstd, keep, count, weight, bias = ctx.saved_tensors
         x_hat = (x - mean).mul_(rstd)
-        gate = torch.sigmoid(x_hat)
+        gate = torch.sigmoid(x_hat if weight is None else torch.addcmul(bias, x_hat, weight))
         grad_y_x = grad_y * x
-        grad_x_hat = grad_y_x * gate
-        grad_alpha = grad_y_x.sum(0) - grad_x_hat.sum(0)
-        grad_x_hat = grad_x_hat.addcmul_(grad_x_hat, gate, value=-1).mul_(1 - alpha)
+        grad_gate_input = grad_y_x * gate
+        grad_alpha = grad_y_x.sum(0) - grad_gate_input.sum(0)
+        grad_gate_input = grad_gate_input.addcmul_(grad_gate_input, gate, value=-1).mul_(1 - alpha)
         grad_x = gate.mul_(1 - alpha).add_(alpha).mul_(grad_y)
+        grad_weight = grad_bias = None
+        if weight is None:
+            grad_x_hat = grad_gate_input
+        else:
+            grad_weight = (grad_gate_input * x_hat).sum(0)
+            grad_bias = grad_gate_input.sum(0)
+            grad_x_hat = grad_gate_input.mul_(weight)
         if ctx.batch_stats:
             # Every position's output depends on the batch mean and variance; only kept
             # positions feed them: d x_hat_i -= keep_i / n * (sum(g) + x_hat_i * sum(g * x_hat)).
@@ -83,11 +93,13 @@ class _DiceFunction(torch.autograd.Function):
             if keep is not None:
                 correction = correction.masked_fill_(~keep[:, None], 0)
             grad_x_hat = grad_x_hat.sub_(correction)
-        return grad_x.add_(grad_x_hat.mul_(rstd)), grad_alpha, None, None, None, None, None
+        return (grad_x.add_(grad_x_hat.mul_(rstd)), grad_alpha, None, None, None, None, None, grad_weight,
+                grad_bias)
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8) -> Tensor:
+         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``."""
     flat = x.reshape(-1, x.shape[-1])
     keep = None if mask is None else mask.reshape(-1)
@@ -99,7 +111,10 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
     else:
         mean, var, count = running_mean.to(x.dtype), running_var.to(x.dtype), None
     rstd = torch.rsqrt(var + eps)
-    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count).reshape(x.shape)
+    if weight is not None:
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count, weight,
+                               bias).reshape(x.shape)
 
 
 def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: Optional[Tensor], training: bool,
@@ -111,8 +126,10 @@ def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: O
         return h.relu_()
     if activation == "prelu":
         return torch.where(h >= 0, h, params[0] * h)
-    alpha, running_mean, running_var = params
-    return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps)
+    alpha, running_mean, running_var, *affine = params
+    weight, bias = affine or (None, None)
+    return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps,
+                weight=weight, bias=bias)
 
 
 def _score_layers(h1: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,

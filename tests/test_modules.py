@@ -18,7 +18,9 @@ def test_dice_state_dict_repr_and_modes():
     dice = din_fast.Dice(5, eps=1e-5, momentum=0.2)
     assert set(dice.state_dict()) == {"alpha", "running_mean", "running_var"}
     assert [name for name, _ in dice.named_parameters()] == ["alpha"]
-    assert "5, eps=1e-05, momentum=0.2" in repr(dice)
+    assert "5, eps=1e-05, momentum=0.2, affine=False" in repr(dice)
+    affine = din_fast.Dice(5, affine=True)
+    assert set(affine.state_dict()) == {"alpha", "weight", "bias", "running_mean", "running_var"}
     x = torch.randn(8, 5)
     dice.train()
     dice(x)
@@ -94,16 +96,22 @@ def test_mba_regularizer_gradient_touches_only_batch_rows():
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("shape", [(32, 7), (6, 9, 7)])
-def test_dice_follows_batchnorm_conventions(backend, shape):
-    """Dice's gate is sigmoid of BatchNorm1d (affine=False) with the same eps and momentum; the
-    running statistics follow BatchNorm's update (unbiased running variance) step by step, and
-    evaluation uses them the same way."""
+@pytest.mark.parametrize("affine", [False, True])
+def test_dice_follows_batchnorm_conventions(backend, shape, affine):
+    """Dice's gate is sigmoid of BatchNorm1d (with or without its affine transform) with the same
+    eps and momentum; the running statistics follow BatchNorm's update (unbiased running variance)
+    step by step, and evaluation uses them the same way."""
     torch.set_default_dtype(torch.float64)
     try:
-        dice = din_fast.Dice(7, eps=1e-5, momentum=0.3, backend=backend)
-        norm = nn.BatchNorm1d(7, eps=1e-5, momentum=0.3, affine=False)
+        dice = din_fast.Dice(7, eps=1e-5, momentum=0.3, affine=affine, backend=backend)
+        norm = nn.BatchNorm1d(7, eps=1e-5, momentum=0.3, affine=affine)
         with torch.no_grad():
             dice.alpha.copy_(torch.rand(7))
+            if affine:
+                norm.weight.copy_(torch.randn(7))
+                norm.bias.copy_(torch.randn(7))
+                dice.weight.copy_(norm.weight)
+                dice.bias.copy_(norm.bias)
 
         def expected(x):
             normalized = norm(x.transpose(1, 2)).transpose(1, 2) if x.dim() == 3 else norm(x)
@@ -248,6 +256,16 @@ def test_dice_bad_input():
         din_fast.Dice(3, momentum=1.5)
     with pytest.raises(ValueError, match="num_features"):
         din_fast.Dice(0)
+    x, alpha = torch.randn(4, 3), torch.zeros(3)
+    with pytest.raises(ValueError, match="weight and bias .* together"):
+        F.dice(x, alpha, training=True, weight=torch.ones(3))
+    with pytest.raises(ValueError, match=r"bias must have shape \[3\]"):
+        F.dice(x, alpha, training=True, weight=torch.ones(3), bias=torch.zeros(4))
+    pooling_args = [torch.randn(2, 4), torch.randn(2, 3, 4), [torch.randn(5, 16), torch.randn(1, 5)],
+                    [torch.randn(5), torch.randn(1)]]
+    dice_layer = (torch.zeros(5), torch.zeros(5), torch.ones(5))
+    with pytest.raises(ValueError, match=r"act_params\[0\] must hold 3 or 5 tensors"):
+        F.attention_pooling(*pooling_args, activation="dice", act_params=[dice_layer[:2]])
 
 
 def test_mba_bad_input():

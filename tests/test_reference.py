@@ -109,6 +109,14 @@ def test_gradcheck_reference_dice(training, masked):
 
     assert torch.autograd.gradcheck(fn, (x, alpha))
 
+    def affine(x, alpha, weight, bias):
+        return R.dice(x, alpha, *(s.clone() for s in stats), mask, training=training, eps=1e-3, weight=weight,
+                      bias=bias)
+
+    gate = (torch.randn(5, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(affine, (x, alpha, *gate))
+
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
 @pytest.mark.parametrize("normalization", ["none", "softmax"])

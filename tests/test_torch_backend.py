@@ -22,13 +22,14 @@ ATTENTION_SHAPES = [
 
 
 def _leaves(weights, biases, act_params):
-    """The tensors a gradient is expected for: weights, biases, PReLU slopes and Dice alphas."""
-    return list(weights) + list(biases) + [layer[0] for layer in act_params if layer]
+    """The tensors a gradient is expected for: weights, biases, PReLU slopes, Dice alphas and the
+    affine Dice gates' weights and biases."""
+    return list(weights) + list(biases) + [p for layer in act_params if layer for p in (layer[0], *layer[3:])]
 
 
-def _attention_case(shape, activation, dtype):
+def _attention_case(shape, activation, dtype, dice_affine=False):
     batch, seq_len, dim, hidden, lengths = shape
-    weights, biases, act_params = random_attention_mlp(dim, hidden, activation, dtype)
+    weights, biases, act_params = random_attention_mlp(dim, hidden, activation, dtype, dice_affine=dice_affine)
     for t in _leaves(weights, biases, act_params):
         t.requires_grad_()
     query = torch.randn(batch, dim, dtype=dtype, requires_grad=True)
@@ -70,13 +71,14 @@ def _run(fn, query, keys, weights, biases, act_params, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
 @pytest.mark.parametrize("normalization,softmax_scale", [("none", 1.0), ("softmax", 1.0), ("softmax", 1 / 6)])
-@pytest.mark.parametrize("activation,training,dice_stats", [
-    ("sigmoid", True, "valid"), ("relu", True, "valid"), ("prelu", True, "valid"),
-    ("dice", True, "valid"), ("dice", True, "all"), ("dice", False, "valid"),
+@pytest.mark.parametrize("activation,training,dice_stats,dice_affine", [
+    ("sigmoid", True, "valid", False), ("relu", True, "valid", False), ("prelu", True, "valid", False),
+    ("dice", True, "valid", False), ("dice", True, "all", False), ("dice", False, "valid", False),
+    ("dice", True, "all", True), ("dice", False, "valid", True),
 ])
 def test_attention_pooling_matches_reference(dtype, shape, activation, normalization, softmax_scale, training,
-                                             dice_stats):
-    case = _attention_case(shape, activation, dtype)
+                                             dice_stats, dice_affine):
+    case = _attention_case(shape, activation, dtype, dice_affine)
     query, keys, weights, biases, act_params, lengths = case
     ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
     options = dict(lengths=lengths, activation=activation, normalization=normalization,
@@ -90,7 +92,7 @@ def test_attention_pooling_matches_reference(dtype, shape, activation, normaliza
     for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
         assert_close(g, ref_g, dtype, f"gradient {i}")
     for layer, ref_layer in zip(act_params, ref_act):
-        for stat, ref_stat in zip(layer[1:], ref_layer[1:]):
+        for stat, ref_stat in zip(layer[1:3], ref_layer[1:3]):
             assert_close(stat, ref_stat, dtype, "running statistic")
 
 
@@ -124,22 +126,30 @@ def test_score_candidates_matches_reference(dtype, activation, normalization):
 @pytest.mark.parametrize("shape", [(7, 5), (1, 3), (6, 4, 80), (2, 1, 40)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_dice_matches_reference(dtype, shape, masked, training):
+@pytest.mark.parametrize("affine", [False, True])
+def test_dice_matches_reference(dtype, shape, masked, training, affine):
     channels = shape[-1]
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     alpha = torch.rand(channels, dtype=dtype, requires_grad=True)
     stats = [0.1 * torch.randn(channels, dtype=dtype), 0.5 + torch.rand(channels, dtype=dtype)]
+    gate = [(1 + 0.8 * torch.randn(channels, dtype=dtype)).requires_grad_(),
+            (0.3 * torch.randn(channels, dtype=dtype)).requires_grad_()] if affine else [None, None]
     mask = torch.rand(shape[:-1]) > 0.4 if masked else None
     ref_x, ref_alpha, ref_stats = float64_copies([x, alpha, stats])
+    ref_gate = float64_copies(gate) if affine else gate
     eps = _dice_eps(dtype, training)
-    y = torch_ops.dice(x, alpha, *stats, mask, training=training, momentum=0.3, eps=eps)
-    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=training, momentum=0.3, eps=eps)
+    y = torch_ops.dice(x, alpha, *stats, mask, training=training, momentum=0.3, eps=eps, weight=gate[0],
+                       bias=gate[1])
+    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=training, momentum=0.3, eps=eps,
+                   weight=ref_gate[0], bias=ref_gate[1])
     cotangent = torch.randn(shape, dtype=torch.float64)
-    grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), [x, alpha])
-    ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), [ref_x, ref_alpha])
+    leaves = [x, alpha] + (gate if affine else [])
+    ref_leaves = [ref_x, ref_alpha] + (ref_gate if affine else [])
+    grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), ref_leaves)
     assert_close(y, ref_y, dtype, "y")
-    assert_close(grads[0], ref_grads[0], dtype, "dx")
-    assert_close(grads[1], ref_grads[1], dtype, "dalpha")
+    for name, g, ref_g in zip(["dx", "dalpha", "dweight", "dbias"], grads, ref_grads):
+        assert_close(g, ref_g, dtype, name)
     assert_close(stats[0], ref_stats[0], dtype, "running_mean")
     assert_close(stats[1], ref_stats[1], dtype, "running_var")
 
@@ -157,17 +167,21 @@ def test_mba_penalty_matches_reference(dtype):
                  "gradient")
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("relu", False), ("prelu", False),
+                                                    ("dice", False), ("dice", True)])
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
-def test_gradcheck_torch_attention(activation, normalization):
+def test_gradcheck_torch_attention(activation, dice_affine, normalization):
     query, keys, weights, biases, act_params, lengths = _attention_case((3, 4, 3, (5, 2), [4, 1, 0]),
-                                                                    activation, torch.float64)
+                                                                    activation, torch.float64, dice_affine)
     leaves = _leaves(weights, biases, act_params)
     n = len(weights)
+    per_layer = 3 if dice_affine else 1
 
     def fn(query, keys, *flat):
-        ws, bs, first = flat[:n], flat[n:2 * n], flat[2 * n:]
-        acts = [(f,) + tuple(layer[1:]) for f, layer in zip(first, act_params)] if first else act_params
+        ws, bs, own = flat[:n], flat[n:2 * n], flat[2 * n:]
+        trainable = [own[i:i + per_layer] for i in range(0, len(own), per_layer)]
+        acts = [(p[0],) + tuple(layer[1:3]) + tuple(p[1:]) for p, layer in zip(trainable, act_params)] \
+            if own else act_params
         return torch_ops.attention_pooling(query, keys, ws, bs, lengths=lengths, activation=activation,
                                            act_params=acts, normalization=normalization, softmax_scale=0.6,
                                            training=True, eps=1e-3)
