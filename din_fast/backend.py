@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -68,9 +68,11 @@ def has_triton_kernel(op: str) -> bool:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32) -> str:
+def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32,
+                    triton_unsupported: Optional[str] = None) -> str:
     """Returns the concrete backend (``"triton"``, ``"torch"`` or ``"reference"``) for ``op`` on
-    ``device`` with floating inputs of ``dtype``.
+    ``device`` with floating inputs of ``dtype``; ``triton_unsupported`` names a feature of this
+    call that the kernels lack (``"auto"`` then picks ``torch``).
 
     Raises:
         ValueError: unknown backend name.
@@ -85,7 +87,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dt
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and dtype in KERNEL_DTYPES and has_triton_kernel(op):
+        if device.type == "cuda" and dtype in KERNEL_DTYPES and has_triton_kernel(op) and not triton_unsupported:
             return "triton"
         return "torch"
     if backend == "triton":
@@ -97,6 +99,8 @@ def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dt
                 "to run the kernels in Triton's interpreter on the CPU")
         if _triton_module(op) is None:
             raise NotImplementedError(f"the triton backend has no kernel for {op!r} yet; use backend='torch'")
+        if triton_unsupported:
+            raise NotImplementedError(f"the triton backend does not support {triton_unsupported}; use backend='torch'")
     return backend
 
 

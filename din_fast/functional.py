@@ -32,13 +32,16 @@ def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, lik
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
-         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, process_group=None,
+         backend: str = "auto") -> Tensor:
     """Dice activation (eq. 9) of ``x`` ``[N, C]`` or ``[N, T, C]`` (channels last).
 
     ``mask`` (bool, ``x.shape[:-1]``) limits the batch statistics to its true positions. In
     training the running statistics (``[C]`` each, optional) are updated in place with
     BatchNorm's conventions; in inference they are required and used. ``weight`` and ``bias``
-    (``[C]``, given together) make the gate affine: ``sigmoid(weight * x_hat + bias)``.
+    (``[C]``, given together) make the gate affine: ``sigmoid(weight * x_hat + bias)``. With a
+    ``torch.distributed`` ``process_group``, training statistics (and their gradient terms) run
+    over the positions of every rank in it, as ``nn.SyncBatchNorm``'s do.
     """
     V.check_tensor("x", x, ndim=(2, 3), floating=True)
     channels = x.shape[-1]
@@ -61,9 +64,24 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
             raise ValueError(f"mask must be on {x.device} like x, got {mask.device}")
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, x.device, "dice", x.dtype), "dice")
+    group = _training_process_group(process_group, training)
+    op = get_op(resolve_backend(backend, x.device, "dice", x.dtype, _SYNC_UNSUPPORTED if group else None), "dice")
     return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps,
-              weight=weight, bias=bias)
+              weight=weight, bias=bias, **group)
+
+
+_SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
+
+
+def _training_process_group(process_group, training: bool) -> dict:
+    """The ``process_group`` keyword for the op: only training statistics are synchronized."""
+    if process_group is None or not training:
+        return {}
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    return {"process_group": process_group}
 
 
 def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,
@@ -129,7 +147,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Optional[Sequence[Sequence[Tensor]]] = None, normalization: str = "none",
                       softmax_scale: float = 1.0, dice_stats: str = "valid", training: bool = False,
-                      momentum: float = 0.1, eps: float = 1e-8, backend: str = "auto"
+                      momentum: float = 0.1, eps: float = 1e-8, process_group=None, backend: str = "auto"
                       ) -> Tuple[Tensor, Tensor]:
     """DIN attention pooling; see ``din_fast.reference.attention_pooling`` for the math.
 
@@ -137,6 +155,8 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
         query: ``[B, D]`` or ``[B, 1, D]``; keys: ``[B, T, D]``, same floating dtype and device.
         weights, biases: the MLP in ``nn.Linear`` layout, first layer ``[H1, 4D]``, last ``[1, H_n]``.
         lengths: ``[B]`` or ``[B, 1]`` ints in ``[0, T]``; or mask: ``[B, T]`` bool; or neither.
+        process_group: with Dice in training, synchronizes its statistics over the group's ranks
+            (see ``dice``).
 
     Returns:
         ``(pooled [B, D], weights [B, T])``.
@@ -151,21 +171,23 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
     kernel = "attention_pooling_dice_training" if activation == "dice" and training else "attention_pooling"
-    op = get_op(resolve_backend(backend, keys.device, kernel, keys.dtype), "attention_pooling")
-    return op(query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
-              act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
-              dice_stats=dice_stats, training=training, momentum=momentum, eps=eps)
+    group = _training_process_group(process_group if activation == "dice" else None, training)
+    backend = resolve_backend(backend, keys.device, kernel, keys.dtype, _SYNC_UNSUPPORTED if group else None)
+    return get_op(backend, "attention_pooling")(
+        query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
+        act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
+        dice_stats=dice_stats, training=training, momentum=momentum, eps=eps, **group)
 
 
 def local_activation_scores(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                             activation: str = "sigmoid", act_params: Optional[Sequence[Sequence[Tensor]]] = None,
-                            training: bool = False, momentum: float = 0.1, eps: float = 1e-8,
+                            training: bool = False, momentum: float = 0.1, eps: float = 1e-8, process_group=None,
                             backend: str = "auto") -> Tensor:
     """The activation unit's raw scores ``[B, T]`` for query ``[B, D]`` (or ``[B, 1, D]``) and keys
     ``[B, T, D]``; every position counts as valid (Dice statistics over all ``B * T``)."""
     _, scores = attention_pooling(query, keys, weights, biases, activation=activation, act_params=act_params,
                                   normalization="none", dice_stats="all", training=training, momentum=momentum,
-                                  eps=eps, backend=backend)
+                                  eps=eps, process_group=process_group, backend=backend)
     return scores
 
 

@@ -34,6 +34,9 @@ class Dice(nn.Module):
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) applied to the
             normalized input before the sigmoid, as the peer libraries' Dice (a ``BatchNorm1d``)
             does; the paper's Dice has none.
+        process_group: a ``torch.distributed`` group whose ranks share the training statistics
+            (``nn.SyncBatchNorm``'s semantics); None (the default) keeps them per process. See
+            ``din_fast.distributed.sync_dice_statistics``.
         backend: see ``din_fast.backend``.
 
     Shape:
@@ -41,7 +44,7 @@ class Dice(nn.Module):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False,
-                 backend: str = "auto", device=None, dtype=None):
+                 process_group=None, backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -52,6 +55,7 @@ class Dice(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.alpha = nn.Parameter(torch.zeros(num_features, **factory))
         self.affine = bool(affine)
+        self.process_group = process_group
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -68,7 +72,7 @@ class Dice(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return functional.dice(x, self.alpha, self.running_mean, self.running_var, mask, training=self.training,
                                momentum=self.momentum, eps=self.eps, weight=self.weight, bias=self.bias,
-                               backend=self.backend)
+                               process_group=self.process_group, backend=self.backend)
 
     def parameters_for_mlp(self) -> Tuple[Tensor, ...]:
         """This activation's entry of ``act_params`` (see ``din_fast.reference``)."""
@@ -126,7 +130,8 @@ class LocalActivationUnit(nn.Module):
                          biases=tuple(layer.bias for layer in self.layers), activation=self.activation,
                          act_params=act_params)
         if self.activation == "dice":
-            arguments.update(momentum=self.activations[0].momentum, eps=self.activations[0].eps)
+            first = self.activations[0]
+            arguments.update(momentum=first.momentum, eps=first.eps, process_group=first.process_group)
         return arguments
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
@@ -182,6 +187,7 @@ class AttentionPooling(nn.Module):
         -> ``[C, D]`` (and weights ``[C, T]``), always with inference semantics."""
         arguments = self.unit.mlp_arguments()
         arguments.pop("momentum", None)
+        arguments.pop("process_group", None)
         pooled, weights = functional.score_candidates(history, candidates, normalization=self.normalization,
                                                       softmax_scale=self.softmax_scale, backend=self.backend,
                                                       **arguments)

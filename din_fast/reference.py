@@ -37,9 +37,18 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def dice_statistics(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def _all_reduce(value: Tensor, process_group) -> Tensor:
+    """Sum over the ranks of ``process_group`` (differentiable), or ``value`` itself without one."""
+    if process_group is None:
+        return value
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(value, group=process_group)
+
+
+def dice_statistics(x: Tensor, mask: Optional[Tensor], process_group=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` [..., C] over the positions where ``mask``
-    [...] (bool) is true, or over all leading positions.
+    [...] (bool) is true, or over all leading positions; with a ``torch.distributed``
+    ``process_group``, over those positions of every rank in it (SyncBatchNorm's semantics).
 
     Returns ``(mean [C], var [C], count [])`` in ``x``'s dtype. An empty selection has mean and
     variance 0.
@@ -50,17 +59,19 @@ def dice_statistics(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, 
         keep = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
     else:
         keep = mask.reshape(-1)
-    count = keep.sum().to(x.dtype)
-    denom = count.clamp(min=1)
     zeros = torch.zeros_like(flat)
-    mean = torch.where(keep[:, None], flat, zeros).sum(0) / denom
-    var = torch.where(keep[:, None], (flat - mean) ** 2, zeros).sum(0) / denom
+    totals = _all_reduce(torch.cat([torch.where(keep[:, None], flat, zeros).sum(0), keep.sum().to(x.dtype)[None]]),
+                         process_group)
+    count = totals[-1]
+    denom = count.clamp(min=1)
+    mean = totals[:-1] / denom
+    var = _all_reduce(torch.where(keep[:, None], (flat - mean) ** 2, zeros).sum(0), process_group) / denom
     return mean, var, count
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
-         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, process_group=None) -> Tensor:
     """Dice: ``f(s) = p(s) * s + (1 - p(s)) * alpha * s``, ``p(s) = sigmoid((s - E[s]) / sqrt(Var[s] + eps))``.
 
     With ``weight`` and ``bias`` (the affine Dice of DeepCTR and other peer libraries, a
@@ -76,12 +87,13 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
             Every position still gets an output.
         training: batch statistics (and a running-statistics update) if true, running ones if not.
         weight, bias: optional ``[C]``, given together: the affine gate.
+        process_group: a ``torch.distributed`` group whose ranks share the batch statistics.
 
     Returns:
         ``[..., C]`` like ``x``.
     """
     if training:
-        mean, var, count = dice_statistics(x, mask)
+        mean, var, count = dice_statistics(x, mask, process_group)
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     else:
         mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
@@ -98,7 +110,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
 
 
 def apply_activation(h: Tensor, activation: str, params: Sequence[Tensor], *, dice_mask: Optional[Tensor],
-                     training: bool, momentum: float, eps: float) -> Tensor:
+                     training: bool, momentum: float, eps: float, process_group=None) -> Tensor:
     """One hidden layer's activation on ``h`` [..., H]."""
     if activation == "sigmoid":
         return torch.sigmoid(h)
@@ -111,7 +123,7 @@ def apply_activation(h: Tensor, activation: str, params: Sequence[Tensor], *, di
         alpha, running_mean, running_var, *affine = params
         weight, bias = affine or (None, None)
         return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps,
-                    weight=weight, bias=bias)
+                    weight=weight, bias=bias, process_group=process_group)
     raise ValueError(f"activation must be one of sigmoid, relu, prelu, dice, got {activation!r}")
 
 
@@ -123,7 +135,7 @@ def attention_features(query: Tensor, keys: Tensor) -> Tensor:
 
 def local_activation_scores(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                             activation: str, act_params: Sequence[Sequence[Tensor]], dice_mask: Optional[Tensor],
-                            training: bool, momentum: float = 0.1, eps: float = 1e-8) -> Tensor:
+                            training: bool, momentum: float = 0.1, eps: float = 1e-8, process_group=None) -> Tensor:
     """The activation unit's raw scores ``a(e_t, v_A)``: query ``[B, D]``, keys ``[B, T, D]`` -> ``[B, T]``.
 
     ``dice_mask`` [B, T] (bool) restricts Dice's batch statistics to its true positions.
@@ -131,7 +143,7 @@ def local_activation_scores(query: Tensor, keys: Tensor, weights: Sequence[Tenso
     h = attention_features(query, keys)
     for i, (w, b) in enumerate(zip(weights[:-1], biases[:-1])):
         h = apply_activation(F.linear(h, w, b), activation, act_params[i] if act_params else (), dice_mask=dice_mask,
-                             training=training, momentum=momentum, eps=eps)
+                             training=training, momentum=momentum, eps=eps, process_group=process_group)
     return F.linear(h, weights[-1], biases[-1]).squeeze(-1)
 
 
@@ -162,7 +174,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
                       softmax_scale: float = 1.0, dice_stats: str = "valid", training: bool = False,
-                      momentum: float = 0.1, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+                      momentum: float = 0.1, eps: float = 1e-8, process_group=None) -> Tuple[Tensor, Tensor]:
     """DIN's user interest ``v_U(A) = sum_t w_t e_t`` with ``w_t`` from the local activation unit.
 
     Args:
@@ -173,6 +185,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
             valid positions of ``softmax_scale * scores``.
         dice_stats: ``"valid"`` (Dice statistics over valid positions) or ``"all"`` (over all
             ``B * T`` positions, as the peer libraries do).
+        process_group: a ``torch.distributed`` group whose ranks share Dice's batch statistics.
 
     Returns:
         ``(pooled [B, D], weights [B, T])``.
@@ -181,7 +194,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     valid = valid_mask(batch, seq_len, lengths, mask, keys.device)
     scores = local_activation_scores(query, keys, weights, biases, activation=activation, act_params=act_params,
                                      dice_mask=valid if dice_stats == "valid" else None, training=training,
-                                     momentum=momentum, eps=eps)
+                                     momentum=momentum, eps=eps, process_group=process_group)
     return pool_scores(scores, keys, valid, normalization=normalization, softmax_scale=softmax_scale)
 
 

@@ -22,10 +22,23 @@ from ._running_stats import update_running_stats
 Tensor = torch.Tensor
 
 
-def _masked_mean_var(flat: Tensor, keep: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def _sum_over_ranks(*values: Tensor, process_group) -> Tuple[Tensor, ...]:
+    """Each of ``values`` summed over the ranks of ``process_group`` in one all-reduce (in at
+    least float32, so that counts stay exact); unchanged without a group."""
+    if process_group is None:
+        return values
+    import torch.distributed as dist
+    dtype = torch.promote_types(values[0].dtype, torch.float32)
+    packed = torch.cat([v.reshape(-1).to(dtype) for v in values])
+    dist.all_reduce(packed, group=process_group)
+    return tuple(part.view_as(v).to(v.dtype if v.is_floating_point() else dtype)
+                 for part, v in zip(packed.split([v.numel() for v in values]), values))
+
+
+def _masked_mean_var(flat: Tensor, keep: Optional[Tensor], process_group=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Mean and biased variance per channel of ``flat`` [M, C] over rows where ``keep`` [M] is
-    true (all rows if None), in two passes (a column reduction of ``torch.var_mean`` is several
-    times slower on the CPU)."""
+    true (all rows if None), and over every rank of ``process_group`` when given; in two passes
+    (a column reduction of ``torch.var_mean`` is several times slower on the CPU)."""
     zero = flat.new_zeros(())
     if keep is None:
         count = torch.tensor(flat.shape[0], device=flat.device)
@@ -33,12 +46,14 @@ def _masked_mean_var(flat: Tensor, keep: Optional[Tensor]) -> Tuple[Tensor, Tens
     else:
         count = keep.sum()
         total = torch.where(keep[:, None], flat, zero).sum(0)
+    total, count = _sum_over_ranks(total, count, process_group=process_group)
     denom = count.clamp(min=1).to(flat.dtype)
     mean = total / denom
     centered = flat - mean
     if keep is not None:
         centered = centered.masked_fill_(~keep[:, None], 0)
-    return mean, centered.mul_(centered).sum(0) / denom, count
+    (squares,) = _sum_over_ranks(centered.mul_(centered).sum(0), process_group=process_group)
+    return mean, squares / denom, count
 
 
 class _DiceFunction(torch.autograd.Function):
@@ -52,11 +67,13 @@ class _DiceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, mean, rstd, batch_stats, keep, count, weight, bias):
+    def forward(ctx, x, alpha, mean, rstd, batch_stats, keep, count, weight, bias, process_group):
         """x [M, C]; alpha, mean, rstd [C]; batch_stats: whether mean and rstd are this batch's
         (their gradient terms apply); keep [M] bool: the positions behind them (None: all);
-        count []: how many; weight, bias [C] or None: the affine gate."""
+        count []: how many; weight, bias [C] or None: the affine gate; process_group: the
+        ranks whose positions share the statistics, or None."""
         ctx.batch_stats = batch_stats
+        ctx.process_group = process_group
         ctx.save_for_backward(x, alpha, mean, rstd, keep, count, weight, bias)
         gate_input = (x - mean).mul_(rstd)
         if weight is not None:
@@ -86,39 +103,43 @@ class _DiceFunction(torch.autograd.Function):
             # positions feed them: d x_hat_i -= keep_i / n * (sum(g) + x_hat_i * sum(g * x_hat)).
             # The kept x_hat sum to 0 in exact arithmetic; re-centering them removes the
             # rounding of the mean, which rstd (up to eps ** -0.5) would otherwise amplify.
+            # With a process group, the sums run over every rank's positions.
+            group = ctx.process_group
             denom = count.clamp(min=1).to(x.dtype)
             kept_x_hat = x_hat if keep is None else torch.where(keep[:, None], x_hat, x.new_zeros(()))
-            x_hat = x_hat.sub_(kept_x_hat.sum(0) / denom)
-            correction = x_hat.mul_((grad_x_hat * x_hat).sum(0)).add_(grad_x_hat.sum(0)).div_(denom)
+            (x_hat_total,) = _sum_over_ranks(kept_x_hat.sum(0), process_group=group)
+            x_hat = x_hat.sub_(x_hat_total / denom)
+            scale, shift = _sum_over_ranks((grad_x_hat * x_hat).sum(0), grad_x_hat.sum(0), process_group=group)
+            correction = x_hat.mul_(scale).add_(shift).div_(denom)
             if keep is not None:
                 correction = correction.masked_fill_(~keep[:, None], 0)
             grad_x_hat = grad_x_hat.sub_(correction)
         return (grad_x.add_(grad_x_hat.mul_(rstd)), grad_alpha, None, None, None, None, None, grad_weight,
-                grad_bias)
+                grad_bias, None)
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
-         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, process_group=None) -> Tensor:
     """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``."""
     flat = x.reshape(-1, x.shape[-1])
     keep = None if mask is None else mask.reshape(-1)
     if training:
         # Constants to autograd: _DiceFunction's backward carries their gradient terms itself.
         with torch.no_grad():
-            mean, var, count = _masked_mean_var(flat, keep)
+            mean, var, count = _masked_mean_var(flat, keep, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         mean, var, count = running_mean.to(x.dtype), running_var.to(x.dtype), None
     rstd = torch.rsqrt(var + eps)
     if weight is not None:
         weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count, weight,
-                               bias).reshape(x.shape)
+    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count, weight, bias,
+                               process_group if training else None).reshape(x.shape)
 
 
 def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: Optional[Tensor], training: bool,
-              momentum: float, eps: float) -> Tensor:
+              momentum: float, eps: float, process_group=None) -> Tensor:
     # In place: h is always a fresh layer output that no backward needs.
     if activation == "sigmoid":
         return h.sigmoid_()
@@ -129,18 +150,19 @@ def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: O
     alpha, running_mean, running_var, *affine = params
     weight, bias = affine or (None, None)
     return dice(h, alpha, running_mean, running_var, dice_mask, training=training, momentum=momentum, eps=eps,
-                weight=weight, bias=bias)
+                weight=weight, bias=bias, process_group=process_group)
 
 
 def _score_layers(h1: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,
                   act_params: Sequence[Sequence[Tensor]], dice_mask: Optional[Tensor], training: bool,
-                  momentum: float, eps: float) -> Tensor:
+                  momentum: float, eps: float, process_group=None) -> Tensor:
     """From the first layer's pre-activations ``[..., H1]`` to the scores ``[...]``."""
     h = h1
     for i in range(len(weights) - 1):
         if i:
             h = F.linear(h, weights[i], biases[i])
-        h = _activate(h, activation, act_params[i] if act_params else (), dice_mask, training, momentum, eps)
+        h = _activate(h, activation, act_params[i] if act_params else (), dice_mask, training, momentum, eps,
+                      process_group)
     return F.linear(h, weights[-1], biases[-1]).squeeze(-1)
 
 
@@ -324,7 +346,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
                       softmax_scale: float = 1.0, dice_stats: str = "valid", training: bool = False,
-                      momentum: float = 0.1, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+                      momentum: float = 0.1, eps: float = 1e-8, process_group=None) -> Tuple[Tensor, Tensor]:
     """Folded attention pooling; see ``din_fast.reference.attention_pooling``.
 
     Returns ``(pooled [B, D], weights [B, T])``.
@@ -339,7 +361,8 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
                                          len(weights), *weights, *biases, *slopes)
     h1, _ = _folded_first_layer(query, keys, weights[0], biases[0])
     dice_mask = mask if dice_stats == "valid" else None
-    scores = _score_layers(h1, weights, biases, activation, act_params, dice_mask, training, momentum, eps)
+    scores = _score_layers(h1, weights, biases, activation, act_params, dice_mask, training, momentum, eps,
+                           process_group)
     attn = _normalize(scores, mask, normalization, softmax_scale)
     values = keys if mask is None else torch.where(mask[..., None], keys, keys.new_zeros(()))
     return torch.bmm(attn[:, None, :], values)[:, 0], attn

@@ -3,8 +3,9 @@
 ``din_fast::dice_forward`` (functional: it returns the updated running statistics, which ``dice``
 copies into the buffers) and ``din_fast::dice_backward`` carry fake (meta) implementations and an
 autograd formula, so ``torch.compile`` traces ``dice`` as one opaque node per direction, without
-graph breaks. The forward saves only ``x``, the mask, ``alpha``, the per-channel fp32 mean and
-variance and the valid count; the backward recomputes the gate.
+graph breaks. The forward saves only ``x``, the mask, ``alpha``, the optional affine ``weight`` and
+``bias``, the per-channel fp32 mean and variance and the valid count; the backward recomputes the
+gate.
 """
 
 # No `from __future__ import annotations`: torch.library reads the custom ops' schemas from the
@@ -33,14 +34,14 @@ def _as_2d(x: Tensor) -> Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
-def _fp32(vector: Tensor) -> Tensor:
-    return vector.to(torch.float32).contiguous()
+def _fp32(vector: Optional[Tensor]) -> Optional[Tensor]:
+    return None if vector is None else vector.to(torch.float32).contiguous()
 
 
 @torch.library.custom_op("din_fast::dice_forward", mutates_args=())
 def _dice_forward(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  mask: Optional[Tensor], training: bool, momentum: float, eps: float
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  mask: Optional[Tensor], training: bool, momentum: float, eps: float, weight: Optional[Tensor],
+                  bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y [..., C] x.dtype, mean [C], var [C], count [1] int32, new_running_mean [C],
     new_running_var [C])``, all statistics fp32: the ones the output used (batch or running), the
     number of valid positions, and the updated running statistics (unchanged copies in inference
@@ -49,6 +50,7 @@ def _dice_forward(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], runn
     channels = x.shape[-1]
     x2d = _as_2d(x)
     alpha32 = _fp32(alpha)
+    affine = dict(weight=_fp32(weight), bias=_fp32(bias))
     if running_mean is None:
         new_mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
         new_var = torch.zeros(channels, dtype=torch.float32, device=x.device)
@@ -57,14 +59,15 @@ def _dice_forward(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], runn
         new_var = running_var.to(torch.float32, copy=True).contiguous()
     if not training:
         mean, var = new_mean.clone(), new_var.clone()
-        y = _k.dice_forward_inference(x2d, alpha32, mean, var, eps)
+        y = _k.dice_forward_inference(x2d, alpha32, mean, var, eps, **affine)
         return y.view(x.shape), mean, var, torch.zeros(1, dtype=torch.int32, device=x.device), new_mean, new_var
-    y, mean, var, count = _k.dice_forward_training(x2d, alpha32, _flat_mask(mask), new_mean, new_var, momentum, eps)
+    y, mean, var, count = _k.dice_forward_training(x2d, alpha32, _flat_mask(mask), new_mean, new_var, momentum, eps,
+                                                   **affine)
     return y.view(x.shape), mean, var, count, new_mean, new_var
 
 
 @_dice_forward.register_fake
-def _dice_forward_fake(x, alpha, running_mean, running_var, mask, training, momentum, eps):
+def _dice_forward_fake(x, alpha, running_mean, running_var, mask, training, momentum, eps, weight, bias):
     channels = x.shape[-1]
     stats = [x.new_empty(channels, dtype=torch.float32) for _ in range(4)]
     return torch.empty_like(x), stats[0], stats[1], x.new_empty(1, dtype=torch.int32), stats[2], stats[3]
@@ -72,38 +75,50 @@ def _dice_forward_fake(x, alpha, running_mean, running_var, mask, training, mome
 
 @torch.library.custom_op("din_fast::dice_backward", mutates_args=())
 def _dice_backward(grad: Tensor, x: Tensor, alpha: Tensor, mask: Optional[Tensor], mean: Tensor, var: Tensor,
-                   count: Tensor, training: bool, eps: float) -> Tuple[Tensor, Tensor]:
-    """Returns ``(dx [..., C] x.dtype, dalpha [C] alpha.dtype)``."""
+                   count: Tensor, training: bool, eps: float, weight: Optional[Tensor], bias: Optional[Tensor]
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx [..., C] x.dtype, dalpha [C] alpha.dtype, dweight [C] weight.dtype, dbias [C]
+    bias.dtype)``; without the affine gate dweight and dbias are empty (a custom op cannot return
+    None)."""
     x2d = _as_2d(x)
     grad2d = _as_2d(grad.to(x.dtype))
-    dx, dalpha = _k.dice_backward(x2d, grad2d, _fp32(alpha), _flat_mask(mask), mean, var, count, training, eps)
-    return dx.view(x.shape), dalpha.to(alpha.dtype)
+    dx, dalpha, dweight, dbias = _k.dice_backward(x2d, grad2d, _fp32(alpha), _flat_mask(mask), mean, var, count,
+                                                  training, eps, weight=_fp32(weight), bias=_fp32(bias))
+    if weight is None:
+        return dx.view(x.shape), dalpha.to(alpha.dtype), x.new_empty(0), x.new_empty(0)
+    return dx.view(x.shape), dalpha.to(alpha.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)
 
 
 @_dice_backward.register_fake
-def _dice_backward_fake(grad, x, alpha, mask, mean, var, count, training, eps):
-    return torch.empty_like(x), torch.empty_like(alpha)
+def _dice_backward_fake(grad, x, alpha, mask, mean, var, count, training, eps, weight, bias):
+    if weight is None:
+        return torch.empty_like(x), torch.empty_like(alpha), x.new_empty(0), x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(alpha), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, alpha, _, _, mask, training, _, eps = inputs
+    x, alpha, _, _, mask, training, _, eps, weight, bias = inputs
     _, mean, var, count, _, _ = output
-    ctx.save_for_backward(x, alpha, mask, mean, var, count)
+    ctx.save_for_backward(x, alpha, mask, mean, var, count, weight, bias)
     ctx.training = training
     ctx.eps = eps
 
 
 def _backward(ctx, grad_y, *_statistics_grads):
-    x, alpha, mask, mean, var, count = ctx.saved_tensors
-    dx, dalpha = _dice_backward(grad_y, x, alpha, mask, mean, var, count, ctx.training, ctx.eps)
-    return dx, dalpha, None, None, None, None, None, None
+    x, alpha, mask, mean, var, count, weight, bias = ctx.saved_tensors
+    dx, dalpha, dweight, dbias = _dice_backward(grad_y, x, alpha, mask, mean, var, count, ctx.training, ctx.eps,
+                                                weight, bias)
+    if weight is None:
+        dweight = dbias = None
+    return dx, dalpha, None, None, None, None, None, None, dweight, dbias
 
 
 torch.library.register_autograd("din_fast::dice_forward", _backward, setup_context=_setup_context)
 
 
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8) -> Tensor:
+         mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
+         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """Dice with the fused kernels; same signature and semantics as ``din_fast.reference.dice``.
 
     Args:
@@ -112,6 +127,8 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         running_mean, running_var: ``[C]``, updated in place when ``training`` (unless the mask
             selects nothing); may be None in training, required in inference.
         mask: optional bool ``x.shape[:-1]``: the positions that count in the batch statistics.
+        weight, bias: optional ``[C]``, given together: the affine gate
+            ``p = sigmoid(weight * (x - mean) / sqrt(var + eps) + bias)``.
 
     Returns:
         ``[..., C]`` in x's dtype.
@@ -120,7 +137,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         raise TypeError(f"x must be float32, bfloat16 or float16 for the triton backend, got {x.dtype} "
                         "(use backend='torch' or 'reference')")
     y, _, _, _, new_mean, new_var = _dice_forward(x, alpha, running_mean, running_var, mask, bool(training),
-                                                  float(momentum), float(eps))
+                                                  float(momentum), float(eps), weight, bias)
     if training and running_mean is not None:
         running_mean.copy_(new_mean.detach())
         running_var.copy_(new_var.detach())
