@@ -83,34 +83,46 @@ class _DiceFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
+        # Five [M, C] buffers in all: allocating a fresh one costs several in-place passes (page
+        # faults on first touch), so each is reused as far as the math allows.
         x, alpha, mean, rstd, keep, count, weight, bias = ctx.saved_tensors
         x_hat = (x - mean).mul_(rstd)
-        gate = torch.sigmoid(x_hat if weight is None else torch.addcmul(bias, x_hat, weight))
-        grad_y_x = grad_y * x
-        grad_gate_input = grad_y_x * gate
-        grad_alpha = grad_y_x.sum(0) - grad_gate_input.sum(0)
+        gate = torch.sigmoid(x_hat) if weight is None else torch.addcmul(bias, x_hat, weight).sigmoid_()
+        grad_gate_input = grad_y * x
+        grad_alpha = grad_gate_input.sum(0)
+        grad_gate_input = grad_gate_input.mul_(gate)
+        grad_alpha = grad_alpha.sub_(grad_gate_input.sum(0))
         grad_gate_input = grad_gate_input.addcmul_(grad_gate_input, gate, value=-1).mul_(1 - alpha)
         grad_x = gate.mul_(1 - alpha).add_(alpha).mul_(grad_y)
+        needs_sums = weight is not None or ctx.batch_stats
+        if needs_sums:
+            x_hat_offset = None
+            if ctx.batch_stats:
+                # The kept x_hat sum to 0 in exact arithmetic; their computed mean is the rounding
+                # of the batch mean times rstd (up to eps ** -0.5), removed before it is amplified.
+                denom = count.clamp(min=1).to(x.dtype)
+                kept_x_hat = x_hat if keep is None else torch.where(keep[:, None], x_hat, x.new_zeros(()))
+                (x_hat_total,) = _sum_over_ranks(kept_x_hat.sum(0), process_group=ctx.process_group)
+                x_hat_offset = x_hat_total / denom
+                x_hat = x_hat.sub_(x_hat_offset)
+            gate_input_sum = grad_gate_input.sum(0)
+            gate_input_dot_x_hat = (grad_gate_input * x_hat).sum(0)
         grad_weight = grad_bias = None
-        if weight is None:
-            grad_x_hat = grad_gate_input
-        else:
-            grad_weight = (grad_gate_input * x_hat).sum(0)
-            grad_bias = grad_gate_input.sum(0)
-            grad_x_hat = grad_gate_input.mul_(weight)
+        if weight is not None:
+            # x_hat is re-centred; the un-centred x_hat is what the affine weight multiplied.
+            grad_bias = gate_input_sum
+            grad_weight = gate_input_dot_x_hat if x_hat_offset is None \
+                else gate_input_dot_x_hat + x_hat_offset * gate_input_sum
+            grad_gate_input = grad_gate_input.mul_(weight)
+        grad_x_hat = grad_gate_input
         if ctx.batch_stats:
             # Every position's output depends on the batch mean and variance; only kept
-            # positions feed them: d x_hat_i -= keep_i / n * (sum(g) + x_hat_i * sum(g * x_hat)).
-            # The kept x_hat sum to 0 in exact arithmetic; re-centering them removes the
-            # rounding of the mean, which rstd (up to eps ** -0.5) would otherwise amplify.
-            # With a process group, the sums run over every rank's positions.
-            group = ctx.process_group
-            denom = count.clamp(min=1).to(x.dtype)
-            kept_x_hat = x_hat if keep is None else torch.where(keep[:, None], x_hat, x.new_zeros(()))
-            (x_hat_total,) = _sum_over_ranks(kept_x_hat.sum(0), process_group=group)
-            x_hat = x_hat.sub_(x_hat_total / denom)
-            scale, shift = _sum_over_ranks((grad_x_hat * x_hat).sum(0), grad_x_hat.sum(0), process_group=group)
-            correction = x_hat.mul_(scale).add_(shift).div_(denom)
+            # positions feed them: d x_hat_i -= keep_i / n * (sum(g) + x_hat_i * sum(g * x_hat)),
+            # summed over every rank's positions with a process group.
+            scale = 1 if weight is None else weight
+            dot, total = _sum_over_ranks(scale * gate_input_dot_x_hat, scale * gate_input_sum,
+                                         process_group=ctx.process_group)
+            correction = x_hat.mul_(dot).add_(total).div_(denom)
             if keep is not None:
                 correction = correction.masked_fill_(~keep[:, None], 0)
             grad_x_hat = grad_x_hat.sub_(correction)
