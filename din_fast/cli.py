@@ -2,7 +2,10 @@
 
 * ``din-fast train``: trains DIN (or BaseModel) on the synthetic data set, Amazon Electronics or
   MovieLens 20M; prints per-epoch test AUC, GAUC, log loss and throughput and a final table; writes a
-  run folder with ``metrics.json``, ``checkpoint.pt`` and PNG plots.
+  run folder with ``metrics.json``, ``checkpoint.pt`` and PNG plots. Under ``torchrun`` it trains
+  data-parallel (``din_fast.distributed``; docs/distributed.md): each global batch of
+  ``--batch-size`` samples is split across the processes, Dice statistics and MBA ids are
+  synchronized, and rank 0 alone prints, evaluates and writes the run folder.
 * ``din-fast serve-bench``: latency of scoring C candidates for one user with the whole model.
 * ``din-fast bench ...``: the kernel benchmark suite (``din_fast.benchmarks.run``).
 """
@@ -22,9 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backend import BACKENDS
 from .data._files import DataFileError
-from .data.batching import InteractionData, Samples, feature_counts, iterate_batches, num_batches
+from .data.batching import InteractionData, Samples, feature_counts, iterate_batches
 from .metrics import auc, gauc, log_loss
 
 DEFAULT_MAX_LENGTH = 100
@@ -162,48 +166,81 @@ def _format_table(history: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def train(args) -> int:
+    """``din-fast train``; under torchrun, one data-parallel rank of the run."""
+    if not distributed.launched_by_torchrun():
+        return _train(args, torch.device(args.device or _default_device()), parallel=False)
+    device = distributed.rank_device(args.device)
+    joined = not distributed.is_distributed()
+    if joined:
+        distributed.init_from_environment(device)
+    try:
+        return _train(args, device, parallel=True)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _train(args, device: torch.device, parallel: bool) -> int:
     started = time.perf_counter()
-    device = torch.device(args.device or _default_device())
+    rank, world = distributed.rank(), distributed.world_size()
+    main_process = rank == 0
+    log = print if main_process else _quiet
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    # Every rank draws the same parameters and the same batch order from the seed.
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     data = _load_data(args)
-    print(data.describe(), flush=True)
+    log(data.describe(), flush=True)
     counts = feature_counts(data, args.max_length) if args.mba > 0 else None
     model = _build_model(args, data, counts).to(device)
     optimizer, penalty_in_loss = _build_optimizer(args, model)
-    folder = _run_folder(args.out)
-    print(f"{model.model_name.upper()} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
-          f"backend {args.backend}; run folder {folder}", flush=True)
+    compute_loss = model.loss
+    if parallel:
+        compute_loss = distributed.data_parallel(model, device=device, sync_dice=not args.no_sync_dice)
+    folder = _run_folder(args.out) if main_process else None
+    where = f"{world} processes on {device.type}" if parallel else str(device)
+    log(f"{model.model_name.upper()} ({sum(p.numel() for p in model.parameters()):,} parameters) on {where}, "
+        f"backend {args.backend}; run folder {folder}", flush=True)
 
     history: List[dict] = []
-    steps = num_batches(data.train, args.batch_size)
+    steps = distributed.num_global_batches(len(data.train), args.batch_size, world)
     for epoch in range(1, args.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)
         seen = 0
         epoch_start = time.perf_counter()
-        with tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False) as progress:
-            for step, batch in enumerate(iterate_batches(data, data.train, args.batch_size, args.max_length,
-                                                         shuffle=True, rng=rng, device=device), start=1):
+        with tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False,
+                  disable=not main_process) as progress:
+            batches = distributed.local_batches(data, data.train, args.batch_size, args.max_length, rng=rng,
+                                                rank=rank, world=world, device=device)
+            for step, (batch, global_size) in enumerate(batches, start=1):
                 optimizer.zero_grad()
-                loss, _ = model.loss(batch, include_mba=penalty_in_loss)
+                loss, _ = compute_loss(batch, include_mba=penalty_in_loss,
+                                       log_loss_scale=distributed.shard_weight(len(batch), global_size, world))
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.detach() * len(batch)
-                seen += len(batch)
+                # The ranks' losses average to the global batch's.
+                loss_sum += loss.detach() * (global_size / world)
+                seen += global_size
                 progress.update()
                 if step % 50 == 0 or step == steps:
-                    # Reading the loss synchronizes a GPU: only every 50 steps.
-                    progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-        train_loss = loss_sum.item() / seen
+                    # Reading the loss synchronizes a GPU (and the ranks): only every 50 steps.
+                    progress.set_postfix(loss=f"{distributed.all_reduce_sum(loss_sum).item() / seen:.4f}")
+        train_loss = distributed.all_reduce_sum(loss_sum).item() / seen
         train_seconds = time.perf_counter() - epoch_start
         if not math.isfinite(train_loss):
-            print(f"epoch {epoch}: the training loss is {train_loss}; stopping", file=sys.stderr)
+            if main_process:
+                print(f"epoch {epoch}: the training loss is {train_loss}; stopping", file=sys.stderr)
             return 1
+        if not main_process:
+            continue
         scores = evaluate(model, data, data.test, args.eval_batch_size, args.max_length, device)
         row = {"epoch": epoch, "train_loss": train_loss, "test_auc": scores["auc"], "test_gauc": scores["gauc"],
                "test_logloss": scores["logloss"], "samples_per_s": seen / train_seconds,
@@ -213,6 +250,8 @@ def train(args) -> int:
                    f"GAUC {scores['gauc']:.4f}  log loss {scores['logloss']:.4f}  "
                    f"{row['samples_per_s']:.0f} samples/s")
 
+    if not main_process:
+        return 0
     torch.save({"config": model.config, "state_dict": model.state_dict()}, folder / "checkpoint.pt")
     plots = []
     if not args.no_plots:
@@ -228,6 +267,7 @@ def train(args) -> int:
     total_seconds = time.perf_counter() - started
     metrics = {"config": {key: value for key, value in vars(args).items() if key != "handler"},
                "data": data.describe(), "model": model.config, "device": str(device),
+               "processes": world, "dice_statistics_synchronized": bool(parallel and not args.no_sync_dice),
                "optimizer": type(optimizer).__name__, "l2": args.l2, "mba_penalty_in_loss": bool(args.mba > 0 and penalty_in_loss),
                "epochs": history, "final": history[-1] if history else None, "total_seconds": total_seconds,
                "plots": plots}
@@ -323,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention-activation", choices=["sigmoid", "relu", "prelu", "dice"], default="sigmoid")
     t.add_argument("--attention-normalization", choices=["none", "softmax"], default="none")
     t.add_argument("--backend", choices=list(BACKENDS), default="auto")
-    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    t.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available); under torchrun cpu or cuda (each "
+                        "process takes cuda:LOCAL_RANK)")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default on CPU: 1; a training step's ops are small, so extra "
                         "threads gain little and stall badly when the cores are shared)")
@@ -332,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-ratings", type=_positive_int, default=None,
                    help="MovieLens: read only the first N ratings")
     t.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
+    t.add_argument("--no-sync-dice", action="store_true",
+                   help="under torchrun: each process normalizes Dice by its own shard of the batch (as BatchNorm "
+                        "without SyncBatchNorm) instead of the whole global batch")
     t.add_argument("--no-plots", action="store_true")
     t.set_defaults(handler=train)
 
@@ -363,6 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "mba", 0) > 0 and getattr(args, "l2", 0) > 0:
         parser.error("--mba and --l2 are two ways to regularize the embeddings: choose one")
+    world = distributed.environment_world_size()
+    if args.command == "train" and args.batch_size % world:
+        parser.error(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world}): "
+                     f"each takes an equal share of every global batch")
     if getattr(args, "lr", "absent") is None:
         args.lr = 5e-3 if args.optimizer == "adam" else 1.0
     try:

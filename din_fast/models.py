@@ -7,7 +7,7 @@ unit (``din_fast.AttentionPooling``), ``BaseModel`` sums them. The concatenation
 candidate and pooled behaviours goes through the top MLP (the paper: 200, 80, PReLU or Dice) to
 one logit; the loss is the log loss (eq. 2) plus, optionally, the mini-batch aware penalty on
 every embedding table (eq. 5-7). Id 0 is padding everywhere. Every din_fast module gets the
-model's ``backend``.
+model's ``backend``. Data-parallel training: see ``din_fast.distributed``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data.batching import PADDING_ID, Batch, Vocabulary
 from .modules import AttentionPooling, Dice, MBARegularizer
 
@@ -87,6 +88,9 @@ class _InterestModel(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
 
+        # The ranks whose ids the training penalty unites; None: torch.distributed's default
+        # group when it is initialized with more than one rank (see mba_penalty).
+        self.mba_process_group = None
         self.regularizers = nn.ModuleDict()
         if self.mba_lambda > 0:
             for name, embedding in self.embedding_tables().items():
@@ -136,21 +140,44 @@ class _InterestModel(nn.Module):
 
     def mba_penalty(self, batch: Batch) -> Tensor:
         """The mini-batch aware penalty (eq. 5) of every embedding table over the ids this batch
-        looks up; 0 when ``mba_lambda`` is 0."""
+        looks up; 0 when ``mba_lambda`` is 0.
+
+        In training mode in a distributed run (``mba_process_group``, or torch.distributed's
+        default group with more than one rank) the ids are the union over the ranks' batches,
+        the global mini-batch of eq. 5: every rank must then call this in the same step. Every
+        rank adds the whole union's penalty: DDP averages the ranks' gradients, so the average
+        holds ``lam * w_j / n_j`` once on each row the global batch touches, as one process
+        training on the global batch has it.
+        """
         if not self.regularizers:
             return self.item_embedding.weight.new_zeros(())
         ids = {"item": torch.cat([batch.items, batch.history_items.reshape(-1)]),
                "category": torch.cat([batch.categories, batch.history_categories.reshape(-1)])}
         ids.update((name, batch.profile[:, i]) for i, name in enumerate(self.vocabulary.profile_names))
         tables = self.embedding_tables()
+        group = self._mba_group()
+        if group is not None:
+            names = list(self.regularizers)
+            united = distributed.union_table_ids([ids[name] for name in names],
+                                                 [tables[name].num_embeddings for name in names], group)
+            ids = dict(zip(names, united))
         return sum(regularizer.penalty(tables[name].weight, ids[name])
                    for name, regularizer in self.regularizers.items())
 
-    def loss(self, batch: Batch, include_mba: bool = True) -> Tuple[Tensor, Tensor]:
+    def _mba_group(self):
+        if not self.training:
+            return None
+        return self.mba_process_group if self.mba_process_group is not None else distributed.default_group()
+
+    def loss(self, batch: Batch, include_mba: bool = True, log_loss_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
         """``(log loss + MBA penalty, logits [B])``; ``include_mba=False`` leaves the penalty to an
-        optimizer that applies eq. 7 itself."""
+        optimizer that applies eq. 7 itself. ``log_loss_scale`` multiplies the log loss alone
+        (data-parallel training weights unequal shards with it; see
+        ``din_fast.distributed.shard_weight``)."""
         logits = self(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.dtype))
+        if log_loss_scale != 1.0:
+            loss = loss * log_loss_scale
         if include_mba and self.regularizers:
             loss = loss + self.mba_penalty(batch)
         return loss, logits

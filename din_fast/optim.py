@@ -16,7 +16,8 @@ row stays bit-identical.
   lookup's output ``weight[ids]``: duplicate ids' rows are summed and each distinct row updated
   once, with no ``[K, D]`` gradient (what a fused embedding backward does).
 * ``MBASGD``: a ``torch.optim.Optimizer`` applying eq. 7 to given embedding tables and plain
-  SGD to every other parameter.
+  SGD to every other parameter; in a data-parallel run it updates the rows of the union of the
+  ranks' batches (see ``din_fast.distributed``).
 
 Backends: ``"triton"`` runs the fused kernels (``din_fast.triton_ops.mba``); ``"torch"`` and
 ``"reference"`` run the plain-PyTorch code below (gather the rows, update, scatter them back);
@@ -340,6 +341,12 @@ class MBASGD(torch.optim.Optimizer):
       ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table with
       a dense gradient and no recorded ids makes ``step`` raise.
 
+    Data parallel (``DistributedDataParallel``, which averages the gradients): the global
+    mini-batch is the union of the ranks' batches, so each step unites the rows of every rank
+    (``din_fast.distributed.union_ids``, one exchange for all tables) and every rank applies the
+    same update to the same rows, as one process would on the global batch. Every rank must then
+    call ``step`` together.
+
     Args:
         params: parameters or parameter groups, as for ``torch.optim.SGD``; group options
             ``lr`` and ``lam`` override the defaults. Tables missing from ``params`` are added
@@ -352,10 +359,13 @@ class MBASGD(torch.optim.Optimizer):
         padding_idx: a row of every table that is never updated; ``None`` uses each module's
             own ``padding_idx``.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see module doc).
+        process_group: the data-parallel ranks whose rows are united; None: torch.distributed's
+            default group when it is initialized with more than one rank, else no exchange.
     """
 
     def __init__(self, params, lr: float, embeddings: Sequence[Tuple[EmbeddingTable, Tensor]] = (),
-                 lam: float = 0.0, padding_idx: Optional[int] = None, backend: str = "auto"):
+                 lam: float = 0.0, padding_idx: Optional[int] = None, backend: str = "auto",
+                 process_group=None):
         lam, lr = _check_scalars(lam, lr)
         V.check_choice("backend", backend, BACKENDS)
         tables = [_parse_embedding(i, entry, padding_idx) for i, entry in enumerate(embeddings)]
@@ -368,6 +378,7 @@ class MBASGD(torch.optim.Optimizer):
         groups += [{"params": [weight]} for weight, *_ in tables if id(weight) not in listed]
         super().__init__(groups, dict(lr=lr, lam=lam))
         self.backend = backend
+        self.process_group = process_group
         self._tables = {}
         self._hook_handles = []
         optimizer_ref = weakref.ref(self)
@@ -405,16 +416,26 @@ class MBASGD(torch.optim.Optimizer):
         for info in self._tables.values():
             info.recorded_ids.clear()
 
-    def _plan_table(self, weight: Tensor, info: _Table, group: dict):
-        """Checks one table's step and returns the update to run, or None (no gradient)."""
-        grad = weight.grad
-        if grad is None:
+    def _batch_ids(self, weight: Tensor, info: _Table) -> Optional[Tensor]:
+        """The rows this process's batch used: its recorded ids, else a sparse gradient's indices."""
+        if info.recorded_ids:
+            return torch.cat(info.recorded_ids)
+        if weight.grad.is_sparse:
             return None
-        ids = torch.cat(info.recorded_ids) if info.recorded_ids else None
-        if ids is None and not grad.is_sparse:
-            raise RuntimeError(
-                f"embeddings[{info.index}] has a dense gradient but no recorded ids: pass the nn.Embedding "
-                f"module (it records its input), use nn.Embedding(sparse=True), or call record_ids(table, ids)")
+        raise RuntimeError(
+            f"embeddings[{info.index}] has a dense gradient but no recorded ids: pass the nn.Embedding "
+            f"module (it records its input), use nn.Embedding(sparse=True), or call record_ids(table, ids)")
+
+    def _process_group(self):
+        if self.process_group is not None:
+            return self.process_group
+        from .distributed import default_group
+
+        return default_group()
+
+    def _plan_table(self, weight: Tensor, info: _Table, group: dict, ids: Optional[Tensor]):
+        """Checks one table's step and returns the update to run."""
+        grad = weight.grad
         counts, pad = info.counts, info.padding_idx
         lam, lr, pad = _check_step(weight, grad, ids, counts, group["lam"], group["lr"], pad)
         triton_mba = _triton_mba(self.backend, weight.device)
@@ -430,19 +451,24 @@ class MBASGD(torch.optim.Optimizer):
                 loss = closure()
         try:
             # Every table is checked before any parameter is written.
-            updates = []
+            tables = [(p, info, group) for group in self.param_groups for p in group["params"]
+                      for info in [self._tables.get(p)] if info is not None and p.grad is not None]
+            ids = [self._batch_ids(p, info) for p, info, _ in tables]
+            process_group = self._process_group()
+            if process_group is not None and tables:
+                from .distributed import union_table_ids
+
+                local = [p.grad._indices()[0] if table_ids is None else table_ids
+                         for (p, _, _), table_ids in zip(tables, ids)]
+                ids = union_table_ids(local, [p.shape[0] for p, _, _ in tables], process_group)
+            updates = [self._plan_table(p, info, group, table_ids)
+                       for (p, info, group), table_ids in zip(tables, ids)]
             for group in self.param_groups:
                 for p in group["params"]:
-                    info = self._tables.get(p)
-                    if info is not None:
-                        update = self._plan_table(p, info, group)
-                        if update is not None:
-                            updates.append(update)
-                    elif p.grad is not None:
+                    if p not in self._tables and p.grad is not None:
                         updates.append(lambda p=p, lr=group["lr"]: p.add_(p.grad, alpha=-lr))
             for update in updates:
                 update()
         finally:
             self._clear_recorded_ids()
         return loss
-
