@@ -1,5 +1,6 @@
 """Dice's Triton kernels (run in Triton's interpreter without a GPU) against the float64 reference:
-output, dx, dalpha and the running statistics, on both the one-launch and the multi-pass paths."""
+output, dx, dalpha (and dweight, dbias of the affine gate) and the running statistics, on both the
+one-launch and the multi-pass paths."""
 
 import pytest
 import torch
@@ -27,15 +28,33 @@ def _inputs(shape, dtype, masked, valid_fraction=0.6):
     return x, alpha, running_mean, running_var, mask, grad
 
 
-def _reference(x, alpha, running_mean, running_var, mask, grad, training):
-    """float64 ``(y, dx, dalpha, running_mean, running_var)`` of the reference on copies."""
+def _affine(channels):
+    """The affine gate's ``(weight, bias)`` [C]: random, with a zero weight (channel 0: a gate that
+    ignores x, whose xhat gradient vanishes) and negative weights (channels 1, 4, ...: a reversed
+    gate)."""
+    weight = torch.rand(channels) * 1.5 + 0.25
+    weight[1::3] *= -1.0
+    weight[0] = 0.0
+    bias = torch.randn(channels) * 0.5
+    return weight, bias
+
+
+def _reference(x, alpha, running_mean, running_var, mask, grad, training, weight=None, bias=None):
+    """float64 ``(y, dx, dalpha, running_mean, running_var, dweight, dbias)`` of the reference on
+    copies; dweight and dbias are None without the affine gate."""
     x64 = x.detach().double().requires_grad_()
     alpha64 = alpha.detach().double().requires_grad_()
+    leaves = [x64, alpha64]
+    affine = {}
+    if weight is not None:
+        affine = dict(weight=weight.detach().double().requires_grad_(), bias=bias.detach().double().requires_grad_())
+        leaves += [affine["weight"], affine["bias"]]
     rm = None if running_mean is None else running_mean.double().clone()
     rv = None if running_var is None else running_var.double().clone()
-    y = reference.dice(x64, alpha64, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS)
-    dx, dalpha = torch.autograd.grad(y, (x64, alpha64), grad.double())
-    return y, dx, dalpha, rm, rv
+    y = reference.dice(x64, alpha64, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS, **affine)
+    dx, dalpha, *daffine = torch.autograd.grad(y, leaves, grad.double())
+    dweight, dbias = daffine or (None, None)
+    return y, dx, dalpha, rm, rv, dweight, dbias
 
 
 def _check_public(x, alpha, running_mean, running_var, mask, grad, training, dtype, dalpha_scale=1.0):
@@ -58,6 +77,28 @@ def _check_public(x, alpha, running_mean, running_var, mask, grad, training, dty
         assert_close(rm, expected[3], torch.float32, "running_mean")
         assert_close(rv, expected[4], torch.float32, "running_var")
     return y, xt.grad, alphat.grad, rm, rv
+
+
+def _check_affine(x, alpha, running_mean, running_var, mask, grad, training, dtype):
+    """Runs ``din_fast.dice(backend="triton")`` with the affine gate and compares the output, the
+    running statistics and every gradient (x, alpha, weight, bias) with the reference."""
+    weight, bias = _affine(x.shape[-1])
+    expected = _reference(x, alpha, running_mean, running_var, mask, grad, training, weight, bias)
+    leaves = [t.clone().requires_grad_() for t in (x, alpha, weight, bias)]
+    rm, rv = running_mean.clone(), running_var.clone()
+    y = din_fast.dice(leaves[0], leaves[1], rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS,
+                      weight=leaves[2], bias=leaves[3], backend="triton")
+    assert y.dtype == x.dtype and y.shape == x.shape
+    y.backward(grad)
+    assert [leaf.grad.dtype for leaf in leaves] == [x.dtype] + [torch.float32] * 3
+    assert_close(y, expected[0], dtype, "y")
+    for leaf, want, name in zip(leaves, (expected[1], expected[2], expected[5], expected[6]),
+                                ("dx", "dalpha", "dweight", "dbias")):
+        assert_close(leaf.grad, want, dtype, name)
+    assert_close(rm, expected[3], torch.float32, "running_mean")
+    assert_close(rv, expected[4], torch.float32, "running_var")
+    if not training:
+        assert torch.equal(rm, running_mean) and torch.equal(rv, running_var)
 
 
 @pytest.fixture(params=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
@@ -155,7 +196,7 @@ def test_many_chunks(monkeypatch):
 def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked):
     rows, channels = 150, 13
     x, alpha, rm, rv, mask, grad = _inputs((rows, channels), torch.float32, masked)
-    y_ref, dx_ref, dalpha_ref, rm_ref, rv_ref = _reference(x, alpha, rm, rv, mask, grad, True)
+    y_ref, dx_ref, dalpha_ref, rm_ref, rv_ref, _, _ = _reference(x, alpha, rm, rv, mask, grad, True)
     mask8 = None if mask is None else mask.view(torch.uint8)
     options = dict(one_pass_max_rows=one_pass_max_rows, tiles_per_chunk=tiles_per_chunk)
     y_out = nan_filled((rows, channels), torch.float32, x.device)
@@ -169,19 +210,99 @@ def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked
     assert_close(mean, x.double()[keep].mean(0), torch.float32, "mean")
     assert_close(var, x.double()[keep].var(0, unbiased=False), torch.float32, "var")
     dx_out = nan_filled((rows, channels), torch.float32, x.device)
-    dx, dalpha = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, True, EPS, out=dx_out, **options)
-    assert dx is dx_out
+    dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, True, EPS, out=dx_out,
+                                                  **options)
+    assert dx is dx_out and dweight is None and dbias is None
     assert_close(dx, dx_ref, torch.float32, "dx")
     assert_close(dalpha, dalpha_ref, torch.float32, "dalpha")
     # Inference launchers, on the running statistics just produced.
-    y_ref, dx_ref, dalpha_ref, _, _ = _reference(x, alpha, rm, rv, None, grad, False)
+    y_ref, dx_ref, dalpha_ref, *_ = _reference(x, alpha, rm, rv, None, grad, False)
     y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=nan_filled((rows, channels), torch.float32, x.device),
                                   tiles_per_chunk=tiles_per_chunk)
     assert_close(y, y_ref, torch.float32, "y (inference)")
-    dx, dalpha = _k.dice_backward(x, grad, alpha, None, rm, rv, None, False, EPS,
-                                  out=nan_filled((rows, channels), torch.float32, x.device), **options)
+    dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, None, rm, rv, None, False, EPS,
+                                                  out=nan_filled((rows, channels), torch.float32, x.device), **options)
+    assert dweight is None and dbias is None
     assert_close(dx, dx_ref, torch.float32, "dx (inference)")
     assert_close(dalpha, dalpha_ref, torch.float32, "dalpha (inference)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The affine gate: p = sigmoid(weight * xhat + bias)
+# ----------------------------------------------------------------------------------------------
+
+# [N, C] over three 64-row tiles (the larger one-launch config), and [N, T, C] with a partial
+# channel block.
+AFFINE_SHAPES = [(150, 13), (4, 9, 5)]
+
+
+@pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_affine_training_matches_reference(shape, masked, path):
+    x, alpha, rm, rv, mask, grad = _inputs(shape, torch.float32, masked)
+    _check_affine(x, alpha, rm, rv, mask, grad, True, torch.float32)
+
+
+@pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_affine_inference_matches_reference(shape, path):
+    x, alpha, rm, rv, mask, grad = _inputs(shape, torch.float32, True)
+    _check_affine(x, alpha, rm, rv, mask, grad, False, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_affine_half_precision_inputs(dtype, training, path):
+    x, alpha, rm, rv, mask, grad = _inputs((6, 25, 13), dtype, True)
+    _check_affine(x, alpha, rm, rv, mask, grad, training, dtype)
+
+
+@pytest.mark.parametrize("one_pass_max_rows, tiles_per_chunk", [(None, None), (0, 1), (0, 2)],
+                         ids=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_affine_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked):
+    rows, channels = 150, 13
+    x, alpha, rm, rv, mask, grad = _inputs((rows, channels), torch.float32, masked)
+    weight, bias = _affine(channels)
+    affine = dict(weight=weight, bias=bias)
+    mask8 = None if mask is None else mask.view(torch.uint8)
+    options = dict(one_pass_max_rows=one_pass_max_rows, tiles_per_chunk=tiles_per_chunk)
+    for training in (True, False):
+        mode = "training" if training else "inference"
+        y_ref, dx_ref, dalpha_ref, rm_ref, rv_ref, dweight_ref, dbias_ref = _reference(
+            x, alpha, rm, rv, mask, grad, training, weight, bias)
+        y_out = nan_filled((rows, channels), torch.float32, x.device)
+        if training:
+            y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out,
+                                                           **affine, **options)
+            assert_close(rm, rm_ref, torch.float32, "running_mean")
+            assert_close(rv, rv_ref, torch.float32, "running_var")
+        else:
+            mean, var, count = rm, rv, None
+            y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=y_out, tiles_per_chunk=tiles_per_chunk,
+                                          **affine)
+        assert y is y_out
+        assert_close(y, y_ref, torch.float32, f"y ({mode})")
+        dx_out = nan_filled((rows, channels), torch.float32, x.device)
+        dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, training, EPS,
+                                                      out=dx_out, **affine, **options)
+        assert dx is dx_out
+        assert_close(dx, dx_ref, torch.float32, f"dx ({mode})")
+        assert_close(dalpha, dalpha_ref, torch.float32, f"dalpha ({mode})")
+        assert_close(dweight, dweight_ref, torch.float32, f"dweight ({mode})")
+        assert_close(dbias, dbias_ref, torch.float32, f"dbias ({mode})")
+
+
+def test_affine_identity_matches_plain_gate(path):
+    # weight 1, bias 0 is the plain gate: same output and dx as without the affine arguments.
+    x, alpha, rm, rv, mask, grad = _inputs((5, 30, 13), torch.float32, True)
+    results = []
+    for affine in ({}, dict(weight=torch.ones(13), bias=torch.zeros(13))):
+        xt = x.clone().requires_grad_()
+        y = _ops.dice(xt, alpha, rm.clone(), rv.clone(), mask, training=True, **affine)
+        y.backward(grad)
+        results.append((y, xt.grad))
+    for plain, identity in zip(*results):
+        assert_close(identity, plain.double(), torch.float32)
 
 
 def test_rejects_float64():
@@ -192,31 +313,45 @@ def test_rejects_float64():
 
 def test_custom_op_registrations():
     x, alpha, rm, rv, mask, _ = _inputs((6, 3), torch.float32, True)
+    weight, bias = _affine(3)
+    x, alpha, weight, bias = (t.requires_grad_() for t in (x, alpha, weight, bias))
     samples = [
-        (x.requires_grad_(), alpha.requires_grad_(), rm, rv, mask, True, MOMENTUM, EPS),
-        (x, alpha, None, None, None, True, MOMENTUM, EPS),
-        (x, alpha, rm, rv, None, False, MOMENTUM, EPS),
+        (x, alpha, rm, rv, mask, True, MOMENTUM, EPS, None, None),
+        (x, alpha, None, None, None, True, MOMENTUM, EPS, None, None),
+        (x, alpha, rm, rv, None, False, MOMENTUM, EPS, None, None),
+        (x, alpha, rm, rv, mask, True, MOMENTUM, EPS, weight, bias),
+        (x, alpha, None, None, None, True, MOMENTUM, EPS, weight, bias),
+        (x, alpha, rm, rv, None, False, MOMENTUM, EPS, weight, bias),
     ]
     for args in samples:
         torch.library.opcheck(_ops._dice_forward, args)
 
 
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_torch_compile_traces_without_graph_breaks(affine):
     x, alpha, rm, rv, mask, grad = _inputs((3, 5, 7), torch.float32, True)
+    weight, bias = _affine(7)
 
-    def step(x, alpha, running_mean, running_var, mask):
-        return _ops.dice(x, alpha, running_mean, running_var, mask, training=True) * 2.0
+    def step(x, alpha, running_mean, running_var, mask, weight, bias):
+        return _ops.dice(x, alpha, running_mean, running_var, mask, training=True, weight=weight, bias=bias) * 2.0
 
-    explanation = torch._dynamo.explain(step)(x, alpha, rm.clone(), rv.clone(), mask)
+    def inputs():
+        leaves = [t.clone().requires_grad_() for t in (x, alpha, weight, bias)]
+        if not affine:
+            leaves[2:] = [None, None]
+        return leaves
+
+    explanation = torch._dynamo.explain(step)(*inputs()[:2], rm.clone(), rv.clone(), mask, *inputs()[2:])
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     results = []
     for fn in (step, compiled):
-        xt, alphat = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        xt, alphat, weightt, biast = inputs()
         running = (rm.clone(), rv.clone())
-        y = fn(xt, alphat, *running, mask)
+        y = fn(xt, alphat, *running, mask, weightt, biast)
         y.backward(grad)
-        results.append((y, xt.grad, alphat.grad) + running)
+        grads = (weightt.grad, biast.grad) if affine else ()
+        results.append((y, xt.grad, alphat.grad) + grads + running)
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)
-    assert not torch.equal(results[1][3], rm)
+    assert not torch.equal(results[1][-2], rm)
