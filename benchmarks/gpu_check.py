@@ -1,7 +1,7 @@
 """One command for a lent GPU: native kernel tests, full-size checks against float64, benchmarks.
 
 ``PYTHONPATH=. python -m benchmarks.gpu_check --out $OUT`` runs from the source tree with no
-network, in three stages, and writes everything flat under ``--out`` (7 files):
+network, in four stages, and writes everything flat under ``--out`` (8 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
    natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
@@ -14,6 +14,9 @@ network, in three stages, and writes everything flat under ``--out`` (7 files):
    torch.compile, torch, triton; forward and forward+backward; float32 and one bfloat16 shape),
    stopped after ``--bench-budget`` seconds (default 330: the whole command fits in about
    6 minutes plus compile time).
+4. ``deepctr.jsonl``: DeepCTR-Torch's DIN training throughput before and after
+   ``din_fast.integrations.deepctr_torch.patch`` (``benchmarks.deepctr``), when deepctr-torch
+   imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.
 
 ``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
 The exit status is non-zero when a test or a check failed.
@@ -220,6 +223,8 @@ def full_size_checks(device: str, dtypes: Sequence[str], tiny: bool) -> List[dic
              lambda s, d: _attention_check(s, d, device, "sigmoid", "none", False)),
             ("attention dice+softmax", attention_shape, dtype_name,
              lambda s, d: _attention_check(s, d, device, "dice", "softmax", False)),
+            ("attention dice training", attention_shape, dtype_name,
+             lambda s, d: _attention_check(s, d, device, "dice", "none", True)),
             ("dice train", dice_shape, dtype_name, lambda s, d: _dice_check(s, d, device)),
             ("serving sigmoid", serving_shape, dtype_name, lambda s, d: _serving_check(s, d, device)),
         ]
@@ -302,6 +307,23 @@ def run_bench(out: Path, device: str, dry_run: bool, budget_s: float) -> List[di
     return rows
 
 
+def run_deepctr(out: Path, device: str, dry_run: bool) -> Optional[List[dict]]:
+    """DeepCTR-Torch's DIN before and after ``patch``; None when deepctr-torch does not import."""
+    try:
+        import deepctr_torch  # noqa: F401
+    except ImportError:
+        return None
+    from .deepctr import run_case
+    sizes = dict(batch=64, rounds=1, steps=1) if dry_run else dict(batch=4096, rounds=5, steps=3)
+    rows = []
+    with (out / "deepctr.jsonl").open("w") as handle:
+        for variant in ("dice", "sigmoid"):
+            row = run_case(variant, 10 if dry_run else 100, device=device, warmup=1, backend="auto", **sizes)
+            handle.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -309,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for the result files (flat)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench,deepctr")
     parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds for the pytest stage")
     parser.add_argument("--bench-budget", type=float, default=330.0, help="seconds for the benchmark stage")
     args = parser.parse_args(argv)
@@ -360,6 +382,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = run_bench(out, device, args.dry_run, args.bench_budget)
         failed |= any(r["status"] == "error" for r in rows)
         sections.append("benchmarks (median ms; x = speed-up over the eager reference):\n" + format_table(rows))
+
+    if "deepctr" not in skip:
+        print("== stage 4: DeepCTR-Torch DIN before and after patch", flush=True)
+        from .deepctr import format_table as format_deepctr
+        deepctr_rows = run_deepctr(out, device, args.dry_run)
+        sections.append("DeepCTR-Torch DIN training throughput:\n" + format_deepctr(deepctr_rows) if deepctr_rows
+                        else "DeepCTR-Torch DIN: skipped (deepctr-torch does not import)")
+        print(sections[-1], flush=True)
 
     summary = "\n\n".join(sections)
     (out / "summary.txt").write_text(summary + "\n")

@@ -1,6 +1,7 @@
 """The benchmark suite on the CPU: roofline counts, the runner's rows and files, the plots, the
 GPU script's dry run, and the torch backend's speed-up over the reference (pytest-benchmark)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -149,6 +150,10 @@ def test_gpu_check_dry_run(tmp_path):
     ok_triton = {r["op"] for r in rows if r["provider"] == "triton" and r["status"] == "ok"}
     assert ok_triton == {"dice", "attention", "serving", "mba"}
     assert "benchmarks (median ms" in (tmp_path / "summary.txt").read_text()
+    if importlib.util.find_spec("deepctr_torch") is not None:
+        deepctr = [json.loads(line) for line in (tmp_path / "deepctr.jsonl").read_text().splitlines()]
+        assert [r["variant"] for r in deepctr] == ["dice", "sigmoid"]
+        assert all(r["speedup"] > 0 and r["max_abs_diff"] < 1e-3 for r in deepctr)
     assert result.stdout.rstrip().endswith("gpu_check: all passed")
 
 
