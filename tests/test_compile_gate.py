@@ -106,3 +106,19 @@ def test_gate_detects_a_spilling_kernel(tmp_path):
         assert large["stack_bytes"] > 0
     assert result.returncode == 1
     assert "SPILL" in result.stdout
+
+
+def test_grouped_table_summarizes_each_kernel_per_compute_capability():
+    pytest.importorskip("triton")
+    from benchmarks.compile_gate import KernelReport, format_grouped_markdown
+
+    reports = [KernelReport("attention", "a_fp32", 90, 8, kernel="_fwd", registers=200, stack_bytes=0,
+                            spill_stores=0, spill_loads=0, shared_bytes=4096),
+               KernelReport("attention", "a_bf16", 90, 8, kernel="_fwd", registers=250, stack_bytes=16,
+                            spill_stores=2, spill_loads=2, shared_bytes=8192),
+               KernelReport("attention", "a_fp16", 90, 8, kernel="_fwd", error="CompilationError: x"),
+               KernelReport("attention", "a_fp32", 80, 8, kernel="_fwd", registers=190, stack_bytes=0,
+                            spill_stores=0, spill_loads=0, shared_bytes=1024)]
+    rows = [line for line in format_grouped_markdown(reports, "cmd").splitlines() if line.startswith("| attention")]
+    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 |",
+                    "| attention/_fwd | 90 | 3 | 200 | 250 | 16 | 8192 | 1 | 1 |"]
