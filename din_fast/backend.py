@@ -28,10 +28,7 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "DIN_FAST_BACKEND"
 # The module of din_fast.triton_ops that holds each op's kernel-backed implementation.
 _TRITON_MODULES = {"dice": "dice", "attention_pooling": "attention", "score_candidates": "attention",
-                   "mba_penalty": "mba",
-                   # Training-mode Dice inside the attention MLP needs a batch-statistics pass that the
-                   # attention kernels do not have yet.
-                   "attention_pooling_dice_training": "attention_dice_training"}
+                   "mba_penalty": "mba"}
 
 
 @lru_cache(maxsize=None)

@@ -170,9 +170,9 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
-    kernel = "attention_pooling_dice_training" if activation == "dice" and training else "attention_pooling"
     group = _training_process_group(process_group if activation == "dice" else None, training)
-    backend = resolve_backend(backend, keys.device, kernel, keys.dtype, _SYNC_UNSUPPORTED if group else None)
+    backend = resolve_backend(backend, keys.device, "attention_pooling", keys.dtype,
+                              _SYNC_UNSUPPORTED if group else None)
     return get_op(backend, "attention_pooling")(
         query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
         act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),

@@ -25,8 +25,28 @@ Everything is computed in fp32 after loading. ``tl.dot`` runs as 3xTF32 for fp32
 fp32 accuracy, so results meet the fp32 tolerances; plain IEEE fp32 dots compile to far more
 registers) and as TF32 for 16-bit inputs (exact for their mantissas, fp32 accumulation).
 
-Activation codes: 0 sigmoid, 1 relu, 2 prelu (per-channel weight), 3 dice with given
-per-channel mean and reciprocal standard deviation (inference: running statistics).
+Activation codes: 0 sigmoid, 1 relu, 2 prelu (per-channel weight), 3 dice, 4 dice with the
+affine gate. The kernels see Dice's gate as ``sigmoid((z - mean) * scale + bias)`` per channel,
+``scale = weight * rstd`` (code 3: ``scale = rstd``, no bias), with the running statistics
+(inference) or the batch statistics (training). Centring before scaling keeps the gate exact
+where rstd is large (a channel of zero batch variance has rstd ``1/sqrt(eps)``).
+
+Training-mode Dice (DESIGN §2): the batch statistics of hidden layer l's pre-activation need the
+layers below it with their own batch statistics, so the forward runs a statistics pass per Dice
+layer (the forward kernel with ``STAT_LAYER = l``: it recomputes up to layer l and writes the
+sample's fp32 count, mean and centred sum of squares, tile moments merged with Chan's formula),
+reduced in a fixed order on the device, then the ordinary forward. The backward's cross-sample
+terms are, per channel of layer l with ``n`` kept positions, gate gradient ``s = dL/d(gate
+input)``, ``S0 = sum s`` and ``S1 = sum s (z - mean)`` over all positions::
+
+    dL/dz_i = direct_i + scale * (s_i - keep_i * (S0 + rstd^2 S1 (z_i - mean)) / n)
+
+and S0, S1 of layer l depend on these terms of every layer above it. The backward therefore runs
+one summing pass per Dice layer, top down (``PHASE = 0``, ``STOP_LAYER = l``: it recomputes the
+MLP and back-propagates down to layer l only, with the terms of the layers above), then its
+ordinary passes with every term, the keys' gradient in a third one (``PHASE = 3``: the terms
+leave phase 1 no registers for it). The affine gate's gradients are ``dweight = rstd S1`` and
+``dbias = S0`` (with running statistics the ordinary phase 2 sums them).
 """
 
 from __future__ import annotations
@@ -37,7 +57,11 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast.kernels.dice import _merge_moments
+
 ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
+# The kernels' code of Dice with the affine gate (its bias costs registers the plain gate keeps).
+DICE_AFFINE_CODE = 4
 NORMALIZATION_CODES = {"none": 0, "softmax": 1}
 # Finite stand-in for -inf as the running max of an online softmax, so that a tile with no valid
 # position rescales by exp(0) = 1 instead of exp(-inf + inf) = NaN.
@@ -103,23 +127,33 @@ def _accumulate_matrix(ptr, value, ROWS: tl.constexpr, COLS: tl.constexpr, ROWS_
 
 @triton.jit
 def _act_params(ptr, layer: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, HMAX: tl.constexpr):
-    """Layer ``layer``'s activation parameters from the packed fp32 ``[NUM_HIDDEN, 3, HMAX]``
-    buffer: (prelu weight or dice alpha, dice mean, dice reciprocal std)."""
-    base = ptr + layer * 3 * HMAX
-    return (_load_vector(base, H, HP), _load_vector(base + HMAX, H, HP), _load_vector(base + 2 * HMAX, H, HP))
+    """Layer ``layer``'s activation parameters from the packed fp32 ``[NUM_HIDDEN, 4, HMAX]``
+    buffer: (prelu weight or dice alpha, dice mean, dice gate scale, dice gate bias)."""
+    base = ptr + layer * 4 * HMAX
+    return (_load_vector(base, H, HP), _load_vector(base + HMAX, H, HP), _load_vector(base + 2 * HMAX, H, HP),
+            _load_vector(base + 3 * HMAX, H, HP))
 
 
 @triton.jit
 def _act_params_at(ptr, layer: tl.constexpr, offs, H: tl.constexpr, HMAX: tl.constexpr):
     """Like ``_act_params`` for the channels ``offs`` only."""
-    base = ptr + layer * 3 * HMAX + offs
+    base = ptr + layer * 4 * HMAX + offs
     keep = offs < H
     return (tl.load(base, mask=keep, other=0.0), tl.load(base + HMAX, mask=keep, other=0.0),
-            tl.load(base + 2 * HMAX, mask=keep, other=0.0))
+            tl.load(base + 2 * HMAX, mask=keep, other=0.0), tl.load(base + 3 * HMAX, mask=keep, other=0.0))
 
 
 @triton.jit
-def _activation(z, p0, p1, p2, ACT: tl.constexpr):
+def _gate_input(z, mean, scale, bias, ACT: tl.constexpr):
+    """Dice's gate input ``(z - mean) * scale`` (plus the affine gate's bias for ACT 4)."""
+    out = (z - mean[None, :]) * scale[None, :]
+    if ACT == 4:
+        out += bias[None, :]
+    return out
+
+
+@triton.jit
+def _activation(z, p0, p1, p2, p3, ACT: tl.constexpr):
     if ACT == 0:
         out = tl.sigmoid(z)
     elif ACT == 1:
@@ -127,33 +161,70 @@ def _activation(z, p0, p1, p2, ACT: tl.constexpr):
     elif ACT == 2:
         out = tl.where(z >= 0, z, p0[None, :] * z)
     else:
-        gate = tl.sigmoid((z - p1[None, :]) * p2[None, :])
+        gate = tl.sigmoid(_gate_input(z, p1, p2, p3, ACT))
         out = z * (gate + (1.0 - gate) * p0[None, :])
     return out
 
 
 @triton.jit
-def _activation_backward(z, grad_out, p0, p1, p2, ACT: tl.constexpr):
-    """Returns ``(dL/dz, per-element dL/dparam)``; the second is summed over rows by the caller
-    (prelu weight or dice alpha; zeros for sigmoid and relu)."""
+def _activation_backward(z, grad_out, p0, p1, p2, p3, ACT: tl.constexpr):
+    """Returns ``(dL/dz, per-element dL/dparam, per-element dL/d(dice gate input), dL/dz but
+    the gate's share)``; the second is summed over rows by the caller (prelu weight or dice
+    alpha; zeros for sigmoid and relu), the last two (dice only) serve ``_dice_gate_terms``."""
     if ACT == 0:
         s = tl.sigmoid(z)
         grad_z = grad_out * s * (1.0 - s)
         grad_p = tl.zeros_like(z)
+        grad_gate = grad_p
+        direct = grad_z
     elif ACT == 1:
         grad_z = tl.where(z > 0, grad_out, 0.0)
         grad_p = tl.zeros_like(z)
+        grad_gate = grad_p
+        direct = grad_z
     elif ACT == 2:
         negative = z < 0
         grad_z = tl.where(negative, p0[None, :] * grad_out, grad_out)
         grad_p = tl.where(negative, grad_out * z, 0.0)
+        grad_gate = tl.zeros_like(z)
+        direct = grad_z
     else:
-        gate = tl.sigmoid((z - p1[None, :]) * p2[None, :])
+        gate = tl.sigmoid(_gate_input(z, p1, p2, p3, ACT))
         alpha = p0[None, :]
         local = gate + (1.0 - gate) * alpha + z * (1.0 - alpha) * gate * (1.0 - gate) * p2[None, :]
         grad_z = grad_out * local
         grad_p = grad_out * z * (1.0 - gate)
-    return grad_z, grad_p
+        # Unused (and dropped by the compiler) but where the gate's batch terms need them.
+        grad_gate = grad_out * z * (1.0 - alpha) * gate * (1.0 - gate)
+        direct = grad_out * (gate + (1.0 - gate) * alpha)
+    return grad_z, grad_p, grad_gate, direct
+
+
+@triton.jit
+def _dice_gate_terms(grad_z, direct, grad_gate, z, mean, scale, keep, gate_ptr, corr_ptr, layer: tl.constexpr, offs,
+                     H: tl.constexpr, HMAX: tl.constexpr, SUMS: tl.constexpr, CORRECT: tl.constexpr):
+    """Dice layer ``layer``'s cross-sample terms on the channels ``offs`` of a tile (``grad_z``,
+    ``direct``, ``grad_gate`` from ``_activation_backward``; ``mean`` and ``scale`` the gate's
+    vectors): SUMS adds ``S0 = sum s`` and ``S1 = sum s (z - mean)`` into ``gate_ptr`` (this
+    program's fp32 ``[NUM_HIDDEN, 2, HMAX]`` slice); CORRECT returns
+    ``direct + scale * (s - keep * (S0 + rstd^2 S1 (z - mean)) / n)`` instead of ``grad_z``:
+    subtracted inside the bracket, the batch terms cancel ``s`` exactly where a single position
+    counts. ``corr_ptr`` is fp32 ``[NUM_HIDDEN, 2, HMAX]``: (S0 / n, rstd^2 S1 / n)."""
+    if SUMS or CORRECT:
+        keep_c = offs < H
+        centred = z - mean[None, :]
+    if SUMS:
+        sums = gate_ptr + layer * 2 * HMAX + offs
+        tl.store(sums, tl.load(sums, mask=keep_c, other=0.0) + tl.sum(grad_gate, axis=0), mask=keep_c)
+        tl.store(sums + HMAX, tl.load(sums + HMAX, mask=keep_c, other=0.0) + tl.sum(grad_gate * centred, axis=0),
+                 mask=keep_c)
+    if CORRECT:
+        base = corr_ptr + layer * 2 * HMAX + offs
+        term_a = tl.load(base, mask=keep_c, other=0.0)
+        term_b = tl.load(base + HMAX, mask=keep_c, other=0.0)
+        batch_terms = tl.where(keep[:, None], term_a[None, :] + term_b[None, :] * centred, 0.0)
+        grad_z = direct + scale[None, :] * (grad_gate - batch_terms)
+    return grad_z
 
 
 @triton.jit
@@ -194,15 +265,30 @@ def _load_w2_columns(w2_ptr, offs_hc, H1: tl.constexpr, H2: tl.constexpr, H2P: t
 
 
 @triton.jit
-def _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_row, ACT: tl.constexpr, PHASE: tl.constexpr,
-                          H1: tl.constexpr, H1P: tl.constexpr):
-    """``dz1`` of a whole ``[BLOCK_T, H1P]`` tile; PHASE 1 also adds its activation-parameter
-    and ``G_b`` sums."""
-    grad_z1, grad_param = _activation_backward(z1, grad_h, a0, a1, a2, ACT)
+def _first_layer_backward(z1, grad_h, a0, a1, a2, a3, keep, part_act, grad_u_row, gate_ptr, corr_ptr, ACT: tl.constexpr,
+                          PHASE: tl.constexpr, H1: tl.constexpr, H1P: tl.constexpr, HMAX: tl.constexpr,
+                          SUMS: tl.constexpr, CORRECT: tl.constexpr):
+    """``dz1`` of a whole ``[BLOCK_T, H1P]`` tile, with Dice's cross-sample terms (see
+    ``_dice_gate_terms``); PHASE 1 also adds its activation-parameter and ``G_b`` sums."""
+    grad_z1, grad_param, grad_gate, direct = _activation_backward(z1, grad_h, a0, a1, a2, a3, ACT)
+    grad_z1 = _dice_gate_terms(grad_z1, direct, grad_gate, z1, a1, a2, keep, gate_ptr, corr_ptr, 0,
+                               tl.arange(0, H1P), H1, HMAX, SUMS, CORRECT)
     if PHASE == 1:
         _accumulate_vector(part_act, tl.sum(grad_param, axis=0), H1, H1P)
         _accumulate_vector(grad_u_row, tl.sum(grad_z1, axis=0), H1, H1P)
     return grad_z1
+
+
+@triton.jit
+def _moments_update(count, mean, m2, z, keep):
+    """Merges the moments (count, mean, centred sum of squares) of the kept rows of the tile
+    ``z`` [BLOCK_T, HP] into the running ``(count, mean, m2)`` with Chan's formula. A tile's own
+    moments are taken around its mean (a single kept row: exactly itself, variance exactly 0)."""
+    tile_count = tl.sum(keep.to(tl.int32), axis=0)
+    kept = keep[:, None]
+    tile_mean = tl.sum(tl.where(kept, z, 0.0), axis=0) / tl.maximum(tile_count, 1).to(tl.float32)
+    dev = tl.where(kept, z - tile_mean[None, :], 0.0)
+    return _merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(dev * dev, axis=0))
 
 
 @triton.jit
@@ -211,24 +297,24 @@ def _mlp_vectors(act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1: tl.constexpr, H1P:
                  NUM_HIDDEN: tl.constexpr):
     """The per-channel vectors of the MLP: activation parameters and bias of each hidden layer
     (zeros for absent layers), then the score layer's weight and bias."""
-    a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+    a0, a1, a2, a3 = _act_params(act_ptr, 0, H1, H1P, HMAX)
     b2 = tl.zeros([H2P], dtype=tl.float32)
-    c0, c1, c2 = b2, b2, b2
+    c0, c1, c2, c3 = b2, b2, b2, b2
     b3 = tl.zeros([H3P], dtype=tl.float32)
-    e0, e1, e2 = b3, b3, b3
+    e0, e1, e2, e3 = b3, b3, b3, b3
     if NUM_HIDDEN >= 2:
         b2 = _load_vector(b2_ptr, H2, H2P)
-        c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+        c0, c1, c2, c3 = _act_params(act_ptr, 1, H2, H2P, HMAX)
     if NUM_HIDDEN >= 3:
         b3 = _load_vector(b3_ptr, H3, H3P)
-        e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+        e0, e1, e2, e3 = _act_params(act_ptr, 2, H3, H3P, HMAX)
     if NUM_HIDDEN == 1:
         wo = _load_vector(wo_ptr, H1, H1P)
     elif NUM_HIDDEN == 2:
         wo = _load_vector(wo_ptr, H2, H2P)
     else:
         wo = _load_vector(wo_ptr, H3, H3P)
-    return a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, tl.load(bo_ptr)
+    return a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, tl.load(bo_ptr)
 
 
 @triton.jit
@@ -261,12 +347,13 @@ def _din_attention_fwd_kernel(
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr, act_ptr,
         span_ptr, mask_ptr,
         pooled_ptr, weights_ptr, logits_ptr, row_max_ptr, row_sum_ptr,
+        stat_count_ptr, stat_mean_ptr, stat_m2_ptr,
         T, stride_qb, stride_kb, stride_kt, softmax_scale,
         D: tl.constexpr, DP: tl.constexpr,
         H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
         H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr, NUM_HIDDEN: tl.constexpr,
         ACT: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, BD: tl.constexpr):
+        IEEE: tl.constexpr, BD: tl.constexpr, STAT_LAYER: tl.constexpr):
     """One program per sample; BD == DP holds the sample's fold across tiles, a smaller BD
     works through D in chunks.
 
@@ -276,6 +363,11 @@ def _din_attention_fwd_kernel(
     position), mask ``[B, T]`` uint8 when HAS_MASK. Writes pooled ``[B, D]`` and weights
     ``[B, T]`` (keys' dtype); for softmax also fp32 logits ``[B, T]`` (scratch) and the row max
     and denominator ``[B]``.
+
+    STAT_LAYER = l > 0 (Dice statistics pass) stops at hidden layer l's pre-activation and
+    writes instead the moments of its valid positions: count ``[B]`` int32, mean and centred
+    sum of squares ``[B, H_l]`` fp32. The same code computes the layers below as the forward
+    does, so both passes see the same pre-activations.
     """
     sample = tl.program_id(0).to(tl.int64)
     span = tl.load(span_ptr + sample)
@@ -285,9 +377,18 @@ def _din_attention_fwd_kernel(
     u = _load_vector(u_ptr + sample * H1, H1, H1P)
     if BD == DP:
         fold = _folded_first_layer(q, wkd_ptr, wp_ptr, D, DP, H1, H1P)
-        a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, bo = _mlp_vectors(
+        a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, bo = _mlp_vectors(
             act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
 
+    if STAT_LAYER == 1:
+        stat_mean = tl.zeros([H1P], dtype=tl.float32)
+    elif STAT_LAYER == 2:
+        stat_mean = tl.zeros([H2P], dtype=tl.float32)
+    elif STAT_LAYER == 3:
+        stat_mean = tl.zeros([H3P], dtype=tl.float32)
+    if STAT_LAYER > 0:
+        stat_count = tl.full([], 0, tl.int32)
+        stat_m2 = tl.zeros_like(stat_mean)
     row_max = tl.full([], _NEG_BIG, tl.float32)
     row_sum = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([DP], dtype=tl.float32)
@@ -299,8 +400,8 @@ def _din_attention_fwd_kernel(
         if BD < DP:
             # Re-read each tile (cache hits): the chunked 3xTF32 products leave no registers
             # to hold them across tiles.
-            a0, a1, a2, b2, c0, c1, c2, b3, e0, e1, e2, wo, bo = _mlp_vectors(
-            act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
+            a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, bo = _mlp_vectors(
+                act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
         if BD == DP:
             k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
                         mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -318,47 +419,73 @@ def _din_attention_fwd_kernel(
                 fold_c = (_load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, False)
                           + q_c[:, None] * _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, False))
                 z1 += _mm(k_c, fold_c, IEEE)
-        h = _activation(z1, a0, a1, a2, ACT)
-        if NUM_HIDDEN >= 2:
-            h = _activation(_mm(h, _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE) + b2[None, :], c0, c1, c2, ACT)
-        if NUM_HIDDEN >= 3:
-            h = _activation(_mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :], e0, e1, e2, ACT)
-        score = tl.sum(h * wo[None, :], axis=1) + bo
-        if BD < DP:
-            # Read only now (cache hits): held across the chunked products it would spill.
-            k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
-                        mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        if NORM == 0:
-            w = tl.where(valid, score, 0.0)
-            acc += tl.sum(w[:, None] * k, axis=0)
-            tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
+        if STAT_LAYER == 1:
+            stat_count, stat_mean, stat_m2 = _moments_update(stat_count, stat_mean, stat_m2, z1, valid)
+        if STAT_LAYER != 1:
+            h = _activation(z1, a0, a1, a2, a3, ACT)
+        if NUM_HIDDEN >= 2 and STAT_LAYER != 1:
+            z2 = _mm(h, _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE) + b2[None, :]
+            if STAT_LAYER == 2:
+                stat_count, stat_mean, stat_m2 = _moments_update(stat_count, stat_mean, stat_m2, z2, valid)
+            else:
+                h = _activation(z2, c0, c1, c2, c3, ACT)
+        if NUM_HIDDEN >= 3 and (STAT_LAYER == 0 or STAT_LAYER == 3):
+            z3 = _mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :]
+            if STAT_LAYER == 3:
+                stat_count, stat_mean, stat_m2 = _moments_update(stat_count, stat_mean, stat_m2, z3, valid)
+            else:
+                h = _activation(z3, e0, e1, e2, e3, ACT)
+        if STAT_LAYER == 0:
+            score = tl.sum(h * wo[None, :], axis=1) + bo
+            if BD < DP:
+                # Read only now (cache hits): held across the chunked products it would spill.
+                k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                            mask=in_span[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            if NORM == 0:
+                w = tl.where(valid, score, 0.0)
+                acc += tl.sum(w[:, None] * k, axis=0)
+                tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
+            else:
+                logit = tl.where(valid, score * softmax_scale, float("-inf"))
+                new_max = tl.maximum(row_max, tl.max(logit, axis=0))
+                rescale = tl.exp(row_max - new_max)
+                p = tl.exp(logit - new_max)
+                row_sum = row_sum * rescale + tl.sum(p, axis=0)
+                acc = acc * rescale + tl.sum(p[:, None] * k, axis=0)
+                row_max = new_max
+                tl.store(logits_ptr + sample * T + offs_t, logit, mask=in_span)
+    if STAT_LAYER > 0:
+        if STAT_LAYER == 1:
+            offs_s = tl.arange(0, H1P)
+            width = H1
+        elif STAT_LAYER == 2:
+            offs_s = tl.arange(0, H2P)
+            width = H2
         else:
-            logit = tl.where(valid, score * softmax_scale, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(logit, axis=0))
-            rescale = tl.exp(row_max - new_max)
-            p = tl.exp(logit - new_max)
-            row_sum = row_sum * rescale + tl.sum(p, axis=0)
-            acc = acc * rescale + tl.sum(p[:, None] * k, axis=0)
-            row_max = new_max
-            tl.store(logits_ptr + sample * T + offs_t, logit, mask=in_span)
-    for start in range(num_tiles * BLOCK_T, T, BLOCK_T):
-        offs_t = start + tl.arange(0, BLOCK_T)
-        tl.store(weights_ptr + sample * T + offs_t, tl.zeros([BLOCK_T], dtype=weights_ptr.dtype.element_ty),
-                 mask=offs_t < T)
-    if NORM == 1:
-        denom = tl.where(row_sum > 0, row_sum, 1.0)
-        acc = acc / denom
-        tl.store(row_max_ptr + sample, row_max)
-        tl.store(row_sum_ptr + sample, row_sum)
-        # The logits were written by other threads of this program.
-        tl.debug_barrier()
-        for tile in range(0, num_tiles):
-            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            in_span = offs_t < span
-            logit = tl.load(logits_ptr + sample * T + offs_t, mask=in_span, other=float("-inf"))
-            w = tl.exp(logit - row_max) / denom
-            tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
-    tl.store(pooled_ptr + sample * D + offs_d, acc.to(pooled_ptr.dtype.element_ty), mask=d_ok)
+            offs_s = tl.arange(0, H3P)
+            width = H3
+        tl.store(stat_count_ptr + sample, stat_count)
+        tl.store(stat_mean_ptr + sample * width + offs_s, stat_mean, mask=offs_s < width)
+        tl.store(stat_m2_ptr + sample * width + offs_s, stat_m2, mask=offs_s < width)
+    else:
+        for start in range(num_tiles * BLOCK_T, T, BLOCK_T):
+            offs_t = start + tl.arange(0, BLOCK_T)
+            tl.store(weights_ptr + sample * T + offs_t, tl.zeros([BLOCK_T], dtype=weights_ptr.dtype.element_ty),
+                     mask=offs_t < T)
+        if NORM == 1:
+            denom = tl.where(row_sum > 0, row_sum, 1.0)
+            acc = acc / denom
+            tl.store(row_max_ptr + sample, row_max)
+            tl.store(row_sum_ptr + sample, row_sum)
+            # The logits were written by other threads of this program.
+            tl.debug_barrier()
+            for tile in range(0, num_tiles):
+                offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                in_span = offs_t < span
+                logit = tl.load(logits_ptr + sample * T + offs_t, mask=in_span, other=float("-inf"))
+                w = tl.exp(logit - row_max) / denom
+                tl.store(weights_ptr + sample * T + offs_t, w.to(weights_ptr.dtype.element_ty), mask=offs_t < T)
+        tl.store(pooled_ptr + sample * D + offs_d, acc.to(pooled_ptr.dtype.element_ty), mask=d_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,13 +501,14 @@ def _din_attention_bwd_kernel(
         grad_pooled_ptr, grad_weights_ptr, row_max_ptr, row_sum_ptr, delta_ptr,
         grad_keys_ptr, grad_u_ptr, grad_query_part_ptr,
         part_p_ptr, part_pq_ptr, part_w2_ptr, part_b2_ptr, part_w3_ptr, part_b3_ptr,
-        part_wo_ptr, part_bo_ptr, part_act_ptr, scratch_ptr,
-        B, T, stride_qb, stride_kb, stride_kt, stride_gkb, stride_gkt, softmax_scale,
+        part_wo_ptr, part_bo_ptr, part_act_ptr, scratch_ptr, corr_ptr, part_gate_ptr,
+        B, T, stride_qb, stride_kb, stride_kt, stride_gkb, stride_gkt, softmax_scale, keep_all,
         D: tl.constexpr, DP: tl.constexpr,
         H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
         H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr, NUM_HIDDEN: tl.constexpr,
         ACT: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
-        IEEE: tl.constexpr, BD: tl.constexpr, PHASE: tl.constexpr, HC: tl.constexpr):
+        IEEE: tl.constexpr, BD: tl.constexpr, PHASE: tl.constexpr, HC: tl.constexpr,
+        DICE_MODE: tl.constexpr, STOP_LAYER: tl.constexpr, BD_FIRST: tl.constexpr):
     """Persistent programs; program ``pid`` handles samples ``pid, pid + P, ...``.
 
     Inputs as in the forward, plus grad_pooled ``[B, D]`` fp32, grad_weights ``[B, T]`` fp32,
@@ -396,7 +524,21 @@ def _din_attention_bwd_kernel(
     weight gradient, the first layer's backward) runs in chunks of HC.
     The work is split in two launches that each recompute the MLP (one pass would need more
     registers than there are): PHASE 1 (keys, and all but the first layer's parameters) and
-    PHASE 2 (query, and the first layer's weight sums).
+    PHASE 2 (query, and the first layer's weight sums). DICE_MODE 2 moves the keys out of
+    PHASE 1 into a third launch, PHASE 3 (the cross-sample terms leave PHASE 1 no registers
+    for them).
+
+    Dice (``corr`` ``[NUM_HIDDEN, 2, HMAX]`` fp32 per layer: S0 / n, rstd^2 S1 / n; ``part_gate``
+    ``[P, NUM_HIDDEN, 2, HMAX]`` fp32: S0, S1; see the module docstring): DICE_MODE 1 (affine
+    gate, running statistics) has PHASE 2 (the one with registers to spare) add every layer's S0
+    and S1. DICE_MODE 2 (batch statistics) adds the cross-sample terms of every layer to dz at
+    the kept positions (the valid ones, or all ``t < span`` when ``keep_all`` is nonzero); its
+    PHASE 0 back-propagates only down to layer STOP_LAYER, adds that layer's S0 and S1 and
+    writes nothing else.
+
+    BD_FIRST is the D chunk of the first layer's recompute (BD elsewhere). With batch statistics
+    every pass takes the same one (for fp32 the forward's), so that the passes see the same z1:
+    where a channel's batch variance is tiny, rstd magnifies any difference.
     """
     # 64-bit sample indices: sample * stride_kb may exceed 2**31.
     pid = tl.program_id(0).to(tl.int64)
@@ -406,6 +548,7 @@ def _din_attention_bwd_kernel(
     part_p = part_p_ptr + pid * H1 * D
     part_pq = part_pq_ptr + pid * H1 * D
     part_act = part_act_ptr + pid * NUM_HIDDEN * HMAX
+    part_gate = part_gate_ptr + pid * NUM_HIDDEN * 2 * HMAX
     for sample in range(pid, B, num_programs):
         span = tl.load(span_ptr + sample)
         if NORM == 1:
@@ -421,14 +564,19 @@ def _din_attention_bwd_kernel(
             tl.debug_barrier()
             offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
             in_span, valid = _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK)
+            if DICE_MODE == 2:
+                # The vector is widened before the `+`: Triton's interpreter mistypes scalar + vector.
+                keep = in_span & ((valid.to(tl.int32) + (keep_all + tl.zeros_like(offs_t))) > 0)
+            else:
+                keep = valid
             # Per-channel vectors are re-read each tile (cache hits) to keep registers free.
-            a0, a1, a2 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+            a0, a1, a2, a3 = _act_params(act_ptr, 0, H1, H1P, HMAX)
             if NUM_HIDDEN >= 2:
                 b2 = _load_vector(b2_ptr, H2, H2P)
-                c0, c1, c2 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+                c0, c1, c2, c3 = _act_params(act_ptr, 1, H2, H2P, HMAX)
             if NUM_HIDDEN >= 3:
                 b3 = _load_vector(b3_ptr, H3, H3P)
-                e0, e1, e2 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+                e0, e1, e2, e3 = _act_params(act_ptr, 2, H3, H3P, HMAX)
             if NUM_HIDDEN == 1:
                 wo = _load_vector(wo_ptr, H1, H1P)
             elif NUM_HIDDEN == 2:
@@ -441,8 +589,8 @@ def _din_attention_bwd_kernel(
             # tiles leave no registers to hold it across tiles.
             z1 = tl.zeros([BLOCK_T, H1P], dtype=tl.float32) + _load_vector(u_ptr + sample * H1, H1, H1P)[None, :]
             grad_w = tl.load(grad_weights_ptr + sample * T + offs_t, mask=in_span, other=0.0)
-            for chunk in range(0, DP // BD):
-                offs_c = chunk * BD + tl.arange(0, BD)
+            for chunk in range(0, DP // BD_FIRST):
+                offs_c = chunk * BD_FIRST + tl.arange(0, BD_FIRST)
                 c_ok = offs_c < D
                 k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
                             mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
@@ -469,18 +617,18 @@ def _din_attention_bwd_kernel(
                     for h_chunk in range(0, H1P // HC):
                         offs_hc = h_chunk * HC + tl.arange(0, HC)
                         z1_c = tl.load(z1_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
-                        p0, p1, p2 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
-                        z2 += _mm(_activation(z1_c, p0, p1, p2, ACT),
+                        p0, p1, p2, p3 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
+                        z2 += _mm(_activation(z1_c, p0, p1, p2, p3, ACT),
                                   _load_w2_columns(w2_ptr, offs_hc, H1, H2, H2P, True), IEEE)
                 else:
-                    z2 = (_mm(_activation(z1, a0, a1, a2, ACT), _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE)
+                    z2 = (_mm(_activation(z1, a0, a1, a2, a3, ACT), _load_matrix(w2_ptr, H2, H1, H2P, H1P, True), IEEE)
                           + b2[None, :])
-                h = _activation(z2, c0, c1, c2, ACT)
+                h = _activation(z2, c0, c1, c2, c3, ACT)
             else:
-                h = _activation(z1, a0, a1, a2, ACT)
+                h = _activation(z1, a0, a1, a2, a3, ACT)
             if NUM_HIDDEN >= 3:
                 z3 = _mm(h, _load_matrix(w3_ptr, H3, H2, H3P, H2P, True), IEEE) + b3[None, :]
-                h = _activation(z3, e0, e1, e2, ACT)
+                h = _activation(z3, e0, e1, e2, e3, ACT)
             score = tl.sum(h * wo[None, :], axis=1) + bo
 
             # dL/dw_t = g . k_t + dL/dweights_t, through the normalization to the score.
@@ -501,35 +649,48 @@ def _din_attention_bwd_kernel(
                     _accumulate_vector(part_wo_ptr + pid * H3, tl.sum(grad_score[:, None] * h, axis=0), H3, H3P)
             grad_h = grad_score[:, None] * wo[None, :]
             if NUM_HIDDEN >= 3:
-                grad_z, grad_param = _activation_backward(z3, grad_h, e0, e1, e2, ACT)
+                grad_z, grad_param, grad_gate, direct = _activation_backward(z3, grad_h, e0, e1, e2, e3, ACT)
+                grad_z = _dice_gate_terms(grad_z, direct, grad_gate, z3, e1, e2, keep, part_gate, corr_ptr, 2,
+                                          tl.arange(0, H3P), H3, HMAX,
+                                          (DICE_MODE == 1 and PHASE == 2) or (PHASE == 0 and STOP_LAYER == 3),
+                                          DICE_MODE == 2)
                 if PHASE == 1:
                     _accumulate_vector(part_act + 2 * HMAX, tl.sum(grad_param, axis=0), H3, H3P)
                     _accumulate_vector(part_b3_ptr + pid * H3, tl.sum(grad_z, axis=0), H3, H3P)
                     _accumulate_matrix(part_w3_ptr + pid * H3 * H2,
-                                       _mm(tl.trans(grad_z), _activation(z2, c0, c1, c2, ACT), IEEE), H3, H2, H3P, H2P)
-                grad_h = _mm(grad_z, _load_matrix(w3_ptr, H3, H2, H3P, H2P, False), IEEE)
-            if NUM_HIDDEN >= 2:
-                grad_z, grad_param = _activation_backward(z2, grad_h, c0, c1, c2, ACT)
+                                       _mm(tl.trans(grad_z), _activation(z2, c0, c1, c2, c3, ACT), IEEE),
+                                       H3, H2, H3P, H2P)
+                if PHASE != 0 or STOP_LAYER < 3:
+                    grad_h = _mm(grad_z, _load_matrix(w3_ptr, H3, H2, H3P, H2P, False), IEEE)
+            if NUM_HIDDEN >= 2 and (PHASE != 0 or STOP_LAYER < 3):
+                grad_z, grad_param, grad_gate, direct = _activation_backward(z2, grad_h, c0, c1, c2, c3, ACT)
+                grad_z = _dice_gate_terms(grad_z, direct, grad_gate, z2, c1, c2, keep, part_gate, corr_ptr, 1,
+                                          tl.arange(0, H2P), H2, HMAX,
+                                          (DICE_MODE == 1 and PHASE == 2) or (PHASE == 0 and STOP_LAYER == 2),
+                                          DICE_MODE == 2)
                 if PHASE == 1:
                     _accumulate_vector(part_act + HMAX, tl.sum(grad_param, axis=0), H2, H2P)
                     _accumulate_vector(part_b2_ptr + pid * H2, tl.sum(grad_z, axis=0), H2, H2P)
-                if HC < H1P:
+                if HC < H1P and (PHASE != 0 or STOP_LAYER == 1):
                     # Layer 2's weight gradient and dz1, H1 chunk by H1 chunk: dz1 goes to its
                     # own scratch tile (other threads may still read the z1 chunk).
                     offs_h2 = tl.arange(0, H2P)
                     for h_chunk in range(0, H1P // HC):
                         offs_hc = h_chunk * HC + tl.arange(0, HC)
                         z1_c = tl.load(z1_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
-                        p0, p1, p2 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
+                        p0, p1, p2, p3 = _act_params_at(act_ptr, 0, offs_hc, H1, HMAX)
                         hc_ok = offs_hc < H1
                         if PHASE == 1:
                             w2_offs = part_w2_ptr + pid * H2 * H1 + offs_h2[:, None] * H1 + offs_hc[None, :]
                             w2_ok = (offs_h2 < H2)[:, None] & hc_ok[None, :]
                             tl.store(w2_offs, tl.load(w2_offs, mask=w2_ok, other=0.0)
-                                     + _mm(tl.trans(grad_z), _activation(z1_c, p0, p1, p2, ACT), IEEE), mask=w2_ok)
-                        grad_z1_c, grad_param_c = _activation_backward(
+                                     + _mm(tl.trans(grad_z), _activation(z1_c, p0, p1, p2, p3, ACT), IEEE), mask=w2_ok)
+                        grad_z1_c, grad_param_c, grad_gate_c, direct_c = _activation_backward(
                             z1_c, _mm(grad_z, _load_w2_columns(w2_ptr, offs_hc, H1, H2, H2P, False), IEEE),
-                            p0, p1, p2, ACT)
+                            p0, p1, p2, p3, ACT)
+                        grad_z1_c = _dice_gate_terms(grad_z1_c, direct_c, grad_gate_c, z1_c, p1, p2, keep,
+                                                     part_gate, corr_ptr, 0, offs_hc, H1, HMAX,
+                                                     (DICE_MODE == 1 and PHASE == 2) or PHASE == 0, DICE_MODE == 2)
                         if PHASE == 1:
                             act_offs = part_act + offs_hc
                             tl.store(act_offs, tl.load(act_offs, mask=hc_ok, other=0.0) + tl.sum(grad_param_c, axis=0),
@@ -537,69 +698,75 @@ def _din_attention_bwd_kernel(
                             u_offs = grad_u_ptr + sample * H1 + offs_hc
                             tl.store(u_offs, tl.load(u_offs, mask=hc_ok, other=0.0) + tl.sum(grad_z1_c, axis=0),
                                      mask=hc_ok)
-                        tl.store(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :], grad_z1_c)
-                else:
+                        if PHASE != 0:
+                            tl.store(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :], grad_z1_c)
+                elif PHASE != 0 or STOP_LAYER == 1:
                     if PHASE == 1:
                         _accumulate_matrix(part_w2_ptr + pid * H2 * H1,
-                                           _mm(tl.trans(grad_z), _activation(z1, a0, a1, a2, ACT), IEEE),
+                                           _mm(tl.trans(grad_z), _activation(z1, a0, a1, a2, a3, ACT), IEEE),
                                            H2, H1, H2P, H1P)
                     grad_h = _mm(grad_z, _load_matrix(w2_ptr, H2, H1, H2P, H1P, False), IEEE)
-                    grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_ptr + sample * H1, ACT,
-                                                    PHASE, H1, H1P)
-            else:
-                grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, part_act, grad_u_ptr + sample * H1, ACT,
-                                                PHASE, H1, H1P)
-                if HC < H1P:
+                    grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, a3, keep, part_act,
+                                                    grad_u_ptr + sample * H1, part_gate, corr_ptr, ACT, PHASE, H1,
+                                                    H1P, HMAX,
+                                                    (DICE_MODE == 1 and PHASE == 2) or PHASE == 0, DICE_MODE == 2)
+            if NUM_HIDDEN == 1:
+                grad_z1 = _first_layer_backward(z1, grad_h, a0, a1, a2, a3, keep, part_act, grad_u_ptr + sample * H1,
+                                                part_gate, corr_ptr, ACT, PHASE, H1, H1P, HMAX,
+                                                (DICE_MODE == 1 and PHASE == 2) or PHASE == 0, DICE_MODE == 2)
+                if HC < H1P and PHASE != 0:
                     tl.store(grad_scratch + offs_row[:, None] * H1P + offs_h1[None, :], grad_z1)
-            if HC < H1P:
+            if HC < H1P and PHASE != 0:
                 tl.debug_barrier()
 
             # Through z1 = u + k M_b, M_b = (Wk - Wd)^T + diag(q) Wp^T, chunk by chunk over D.
-            for chunk in range(0, DP // BD):
-                offs_c = chunk * BD + tl.arange(0, BD)
-                c_ok = offs_c < D
-                k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
-                            mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                q_c = tl.load(query_ptr + sample * stride_qb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-                if PHASE == 1:
-                    g_c = tl.load(grad_pooled_ptr + sample * D + offs_c, mask=c_ok, other=0.0)
-                    grad_k = w[:, None] * g_c[None, :]
-                    if HC == H1P:
-                        wp_t = _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True)
-                        fold_t = _load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, True) + wp_t * q_c[None, :]
-                        grad_k += _mm(grad_z1, fold_t, IEEE)
-                    else:
-                        for h_chunk in range(0, H1P // HC):
-                            offs_hc = h_chunk * HC + tl.arange(0, HC)
-                            grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
-                            wp_t = _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1)
-                            fold_t = _load_fold_block(wkd_ptr, offs_c, c_ok, offs_hc, H1) + wp_t * q_c[None, :]
-                            grad_k += _mm(grad_z1_c, fold_t, IEEE)
-                    tl.store(grad_keys_row + offs_t[:, None] * stride_gkt + offs_c[None, :],
-                             grad_k.to(grad_keys_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & c_ok[None, :])
-                if PHASE == 2:
-                    query_ptrs = grad_query_part_ptr + sample * D + offs_c
-                    if HC == H1P:
-                        through_wp = _mm(grad_z1, _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True), IEEE)
-                    else:
-                        through_wp = tl.zeros([BLOCK_T, BD], dtype=tl.float32)
-                        for h_chunk in range(0, H1P // HC):
-                            offs_hc = h_chunk * HC + tl.arange(0, HC)
-                            grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
-                            through_wp += _mm(grad_z1_c, _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1), IEEE)
-                    tl.store(query_ptrs, tl.load(query_ptrs, mask=c_ok, other=0.0)
-                             + tl.sum(through_wp * k, axis=0), mask=c_ok)
-                    if HC == H1P:
-                        grad_z1_t = tl.trans(grad_z1)
-                    else:
-                        grad_z1_t = tl.load(grad_scratch + offs_row[None, :] * H1P + offs_h1[:, None])
-                    part_offs = offs_h1[:, None] * D + offs_c[None, :]
-                    part_ok = (offs_h1 < H1)[:, None] & c_ok[None, :]
-                    tl.store(part_p + part_offs, tl.load(part_p + part_offs, mask=part_ok, other=0.0)
-                             + _mm(grad_z1_t, k, IEEE), mask=part_ok)
-                    tl.store(part_pq + part_offs, tl.load(part_pq + part_offs, mask=part_ok, other=0.0)
-                             + _mm(grad_z1_t, k * q_c[None, :], IEEE), mask=part_ok)
-        if PHASE == 1:
+            if PHASE >= 2 or (PHASE == 1 and DICE_MODE != 2):
+                for chunk in range(0, DP // BD):
+                    offs_c = chunk * BD + tl.arange(0, BD)
+                    c_ok = offs_c < D
+                    k = tl.load(keys_row + offs_t[:, None] * stride_kt + offs_c[None, :],
+                                mask=in_span[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    q_c = tl.load(query_ptr + sample * stride_qb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                    if PHASE == 3 or PHASE == 1:
+                        g_c = tl.load(grad_pooled_ptr + sample * D + offs_c, mask=c_ok, other=0.0)
+                        grad_k = w[:, None] * g_c[None, :]
+                        if HC == H1P:
+                            wp_t = _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True)
+                            fold_t = _load_fold_rows(wkd_ptr, offs_c, c_ok, H1, H1P, True) + wp_t * q_c[None, :]
+                            grad_k += _mm(grad_z1, fold_t, IEEE)
+                        else:
+                            for h_chunk in range(0, H1P // HC):
+                                offs_hc = h_chunk * HC + tl.arange(0, HC)
+                                grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                                wp_t = _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1)
+                                fold_t = _load_fold_block(wkd_ptr, offs_c, c_ok, offs_hc, H1) + wp_t * q_c[None, :]
+                                grad_k += _mm(grad_z1_c, fold_t, IEEE)
+                        tl.store(grad_keys_row + offs_t[:, None] * stride_gkt + offs_c[None, :],
+                                 grad_k.to(grad_keys_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & c_ok[None, :])
+                    if PHASE == 2:
+                        query_ptrs = grad_query_part_ptr + sample * D + offs_c
+                        if HC == H1P:
+                            through_wp = _mm(grad_z1, _load_fold_rows(wp_ptr, offs_c, c_ok, H1, H1P, True), IEEE)
+                        else:
+                            through_wp = tl.zeros([BLOCK_T, BD], dtype=tl.float32)
+                            for h_chunk in range(0, H1P // HC):
+                                offs_hc = h_chunk * HC + tl.arange(0, HC)
+                                grad_z1_c = tl.load(grad_scratch + offs_row[:, None] * H1P + offs_hc[None, :])
+                                through_wp += _mm(grad_z1_c, _load_fold_block(wp_ptr, offs_c, c_ok, offs_hc, H1),
+                                                  IEEE)
+                        tl.store(query_ptrs, tl.load(query_ptrs, mask=c_ok, other=0.0)
+                                 + tl.sum(through_wp * k, axis=0), mask=c_ok)
+                        if HC == H1P:
+                            grad_z1_t = tl.trans(grad_z1)
+                        else:
+                            grad_z1_t = tl.load(grad_scratch + offs_row[None, :] * H1P + offs_h1[:, None])
+                        part_offs = offs_h1[:, None] * D + offs_c[None, :]
+                        part_ok = (offs_h1 < H1)[:, None] & c_ok[None, :]
+                        tl.store(part_p + part_offs, tl.load(part_p + part_offs, mask=part_ok, other=0.0)
+                                 + _mm(grad_z1_t, k, IEEE), mask=part_ok)
+                        tl.store(part_pq + part_offs, tl.load(part_pq + part_offs, mask=part_ok, other=0.0)
+                                 + _mm(grad_z1_t, k * q_c[None, :], IEEE), mask=part_ok)
+        if PHASE == 3 or (PHASE == 1 and DICE_MODE != 2):
             for start in range(num_tiles * BLOCK_T, T, BLOCK_T):
                 offs_t = start + tl.arange(0, BLOCK_T)
                 for chunk in range(0, DP // BD):
@@ -618,12 +785,15 @@ class FoldedMLP:
     """The attention MLP in the kernels' fp32 layout.
 
     Built from ``weights``/``biases`` (``nn.Linear`` layout, first layer ``[H1, 4D]``) and the
-    flat per-layer activation vectors ``act_vectors[i] = (p0, p1, p2)`` (``[H_i]`` each;
-    prelu weight, or dice alpha / mean / reciprocal std; zeros when unused).
+    flat per-layer activation vectors ``act_vectors[i] = (p0, p1, p2, p3)`` (``[H_i]`` each;
+    prelu weight, or dice alpha / mean / gate scale / gate bias; zeros when unused; a layer whose
+    vectors are not known yet may get ``()`` and ``set_act_vectors`` later). ``gate_bias``: Dice
+    with the affine gate (its bias p3 is read).
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                 act_vectors: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+                 act_vectors: Sequence[Sequence[torch.Tensor]], gate_bias: bool = False):
+        self.gate_bias = gate_bias
         w1 = weights[0].detach().float()
         dim = w1.shape[1] // 4
         self.dim = dim
@@ -642,13 +812,16 @@ class FoldedMLP:
         self.score_bias = biases[-1].detach().float().reshape(-1).contiguous()
         self.hmax = max(self.hidden)
         device = w1.device
-        packed = torch.zeros(len(self.hidden), 3, self.hmax, dtype=torch.float32, device=device)
+        self.act_packed = torch.zeros(len(self.hidden), 4, self.hmax, dtype=torch.float32, device=device)
         for i, vectors in enumerate(act_vectors):
-            for j, vec in enumerate(vectors):
-                packed[i, j, :self.hidden[i]] = vec.detach().float()
-        self.act_packed = packed
+            self.set_act_vectors(i, vectors)
         # Stands in for the pointers of absent layers and buffers.
         self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def set_act_vectors(self, layer: int, vectors: Sequence[torch.Tensor]) -> None:
+        """Hidden layer ``layer``'s ``(p0, ...)`` (up to four ``[H_layer]`` vectors)."""
+        for j, vec in enumerate(vectors):
+            self.act_packed[layer, j, :self.hidden[layer]] = vec.detach().float()
 
     def query_bias(self, query: torch.Tensor) -> torch.Tensor:
         """``u = q (Wq + Wd)^T + b1``: ``[B, D]`` -> ``[B, H1]`` fp32."""
@@ -665,13 +838,14 @@ class FoldedMLP:
                     H3=sizes[2], H3P=_padded(sizes[2]), HMAX=self.hmax, NUM_HIDDEN=len(self.hidden))
 
 
-def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype
+def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype, gate_bias: bool = False
                     ) -> Tuple[int, int, int]:
     """``(BLOCK_T, BD, num_warps)`` of the forward: tiles large enough to feed ``tl.dot``,
     small enough that the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay
     in registers; 3xTF32 dots (fp32) need about twice the registers, so fp32 works through D
-    in chunks instead of holding the fold."""
-    if dtype == torch.float32:
+    in chunks instead of holding the fold, and so does the affine Dice gate (its bias vectors
+    leave no room for the fold)."""
+    if dtype == torch.float32 or gate_bias:
         block, chunk = 16, min(dim_p, 32)
     else:
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 else 16), dim_p
@@ -693,6 +867,33 @@ def _backward_config(dim_p: int, hidden_p: Sequence[int], dtype: torch.dtype
     return 16, 8, min(hidden_p[0], 16 if narrow else 32), ((1, min(dim_p, 32)), (2, 16))
 
 
+def _backward_launches(dim_p: int, hidden_p: Sequence[int], dtype: torch.dtype, dice_mode: int
+                       ) -> List[Tuple[str, int, int, int, int, int, int]]:
+    """Every launch of the backward, in order, as ``(spec name suffix, PHASE, BD, DICE_MODE,
+    STOP_LAYER, BD_FIRST, num_warps)``. The affine gate on running statistics sums the gate in
+    phase 2. With batch statistics: one summing pass per layer, top down, then phases 1, 2 and 3
+    (the keys), every pass recomputing z1 with the same D chunks (the forward's for fp32, where
+    the forward works in chunks too; 16 for 16-bit inputs, which need the registers). The Dice
+    choices below are the compile gate's: 16-bit inputs spill in the summing passes above the
+    first layer on 8 warps (ptxas caps them at 128 registers) and in the affine gate's phase 2
+    on 16-wide D chunks where a second layer follows; phase 3 spills on 32-wide D chunks."""
+    _, num_warps, _, ((_, first_chunk), (_, second_chunk)) = _backward_config(dim_p, hidden_p, dtype)
+    half = dtype != torch.float32
+    if dice_mode == 0:
+        return [("_p1", 1, first_chunk, 0, 0, first_chunk, num_warps),
+                ("_p2", 2, second_chunk, 0, 0, second_chunk, num_warps)]
+    if dice_mode == 1:
+        gate_chunk = min(dim_p, 32) if half and len(hidden_p) >= 2 else second_chunk
+        return [("_p1", 1, first_chunk, 0, 0, first_chunk, num_warps),
+                ("_p2", 2, gate_chunk, 1, 0, gate_chunk, num_warps)]
+    recompute_chunk = 16 if half else first_chunk
+    launches = [(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk,
+                 4 if half and stop > 1 else num_warps) for stop in range(len(hidden_p), 0, -1)]
+    return launches + [("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, num_warps),
+                       ("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, num_warps),
+                       ("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, num_warps)]
+
+
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                   device) -> torch.Tensor:
     """int32 ``[B]``: one past each sample's last valid position (computed on the device, no sync)."""
@@ -705,9 +906,14 @@ def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mas
     return torch.full((batch,), seq_len, dtype=torch.int32, device=device)
 
 
+def _activation_code(activation: str, gate_bias: bool) -> int:
+    return DICE_AFFINE_CODE if activation == "dice" and gate_bias else ACTIVATION_CODES[activation]
+
+
 def _common_constexprs(mlp: FoldedMLP, normalization: str, activation: str, has_mask: bool,
                        dtype: torch.dtype) -> dict:
-    return dict(D=mlp.dim, DP=_padded(mlp.dim), **mlp.hidden_constexprs(), ACT=ACTIVATION_CODES[activation],
+    return dict(D=mlp.dim, DP=_padded(mlp.dim), **mlp.hidden_constexprs(),
+                ACT=_activation_code(activation, mlp.gate_bias),
                 NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask, IEEE=dtype == torch.float32)
 
 
@@ -749,13 +955,49 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     u = mlp.query_bias(query)
     w2, b2, w3, b3 = mlp.layer_pointers()
     constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-    block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype)
+    block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype,
+                                                mlp.gate_bias)
     _din_attention_fwd_kernel[(batch,)](
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
         mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), pooled, weights, logits, row_max, row_sum,
-        seq_len, query.stride(0), keys.stride(0), keys.stride(1), float(softmax_scale),
-        **constexprs, BLOCK_T=block_t, BD=chunk, num_warps=num_warps)
+        mlp.dummy, mlp.dummy, mlp.dummy, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
+        float(softmax_scale), **constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=0, num_warps=num_warps)
     return pooled, weights, row_max, row_sum
+
+
+def dice_layer_statistics(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, span: torch.Tensor,
+                          mask: Optional[torch.Tensor], layer: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch statistics of hidden layer ``layer``'s (0-based) Dice pre-activation over the valid
+    positions (span and mask as in ``attention_forward``), the layers below it taken with the
+    activation vectors ``mlp`` holds. One statistics pass of the forward kernel writes each
+    sample's moments; they are merged on the device in a fixed order (Chan's parallel formula).
+
+    Returns fp32 ``(mean [H_layer], biased var [H_layer], count [])``; an empty selection has
+    mean and variance 0 and count 0.
+    """
+    batch, seq_len, _ = keys.shape
+    device = keys.device
+    width = mlp.hidden[layer]
+    counts = torch.zeros(batch, dtype=torch.int32, device=device)
+    means = torch.zeros(batch, width, dtype=torch.float32, device=device)
+    m2s = torch.zeros(batch, width, dtype=torch.float32, device=device)
+    if batch > 0:
+        u = mlp.query_bias(query)
+        w2, b2, w3, b3 = mlp.layer_pointers()
+        constexprs = _common_constexprs(mlp, "none", "dice", mask is not None, keys.dtype)
+        block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len,
+                                                    keys.dtype, mlp.gate_bias)
+        _din_attention_fwd_kernel[(batch,)](
+            query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
+            mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
+            mlp.dummy, counts, means, m2s, seq_len, query.stride(0), keys.stride(0), keys.stride(1), 1.0,
+            **constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=layer + 1, num_warps=num_warps)
+    weight = counts.float()
+    count = weight.sum()
+    mean = (weight[:, None] * means).sum(0) / count.clamp(min=1)
+    m2 = m2s.sum(0) + (weight[:, None] * (means - mean) ** 2).sum(0)
+    return mean, m2 / count.clamp(min=1), count
 
 
 def _num_backward_programs(batch: int, device: torch.device) -> int:
@@ -764,17 +1006,32 @@ def _num_backward_programs(batch: int, device: torch.device) -> int:
     return min(batch, 2)
 
 
+class DiceGate:
+    """What the backward needs of Dice's gate beyond the activation vectors: ``rstd`` per hidden
+    layer (fp32 ``[NUM_HIDDEN, HMAX]``, zero past each layer's width); ``count`` (fp32 ``[]``, the
+    number of kept positions) marks batch statistics (training), None running ones; ``keep_all``:
+    the batch statistics ran over every position ``t < span``, not only the valid ones."""
+
+    def __init__(self, rstd: torch.Tensor, count: Optional[torch.Tensor] = None, keep_all: bool = False):
+        self.rstd, self.count, self.keep_all = rstd, count, keep_all
+
+
 def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, span: torch.Tensor,
                        mask: Optional[torch.Tensor], pooled: torch.Tensor, weights: torch.Tensor,
                        row_max: torch.Tensor, row_sum: torch.Tensor, grad_pooled: torch.Tensor,
-                       grad_weights: torch.Tensor, *, normalization: str, activation: str, softmax_scale: float
-                       ) -> Dict[str, object]:
+                       grad_weights: torch.Tensor, *, normalization: str, activation: str, softmax_scale: float,
+                       dice_gate: Optional[DiceGate] = None) -> Dict[str, object]:
     """Launches the backward kernel and reduces its partial buffers.
+
+    ``dice_gate`` (Dice only): given, the gate's sums S0 and S1 are computed; with batch
+    statistics (``dice_gate.count``), one summing pass per Dice layer first (top down), then the
+    ordinary passes with every layer's cross-sample terms.
 
     Returns fp32 gradients: ``query [B, D]``, ``keys [B, T, D]`` (keys' dtype), ``first_weight
     [H1, 4D]``, ``first_bias [H1]``, ``layers`` (list of (weight, bias) for hidden layers 2..n),
     ``score_weight [Hn]``, ``score_bias [1]``, ``act`` (list of ``[H_i]``: prelu weight or dice
-    alpha gradient per layer).
+    alpha gradient per layer), ``gate`` (list of ``(S0, S1)`` ``[H_i]`` per layer, with
+    ``dice_gate``; else None).
     """
     batch, seq_len, dim = keys.shape
     device = keys.device
@@ -798,33 +1055,54 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
     dummy_layers = part_layers + [(mlp.dummy, mlp.dummy)] * (2 - len(part_layers))
     part_wo, part_bo = zeros(hidden[-1]), zeros()
     part_act = zeros(len(hidden), mlp.hmax)
+    training = dice_gate is not None and dice_gate.count is not None
+    dice_mode = 0 if dice_gate is None else (2 if training else 1)
+    if dice_gate is not None:
+        part_gate = zeros(len(hidden), 2, mlp.hmax)
+        corr = torch.zeros(len(hidden), 2, mlp.hmax, dtype=torch.float32, device=device)
+    else:
+        part_gate = corr = mlp.dummy
     if batch > 0:
         u = mlp.query_bias(query)
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-        block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], _padded_hidden(constexprs),
-                                                                          keys.dtype)
+        hidden_p = _padded_hidden(constexprs)
+        block_t, _, h_chunk, _ = _backward_config(constexprs["DP"], hidden_p, keys.dtype)
         scratch = (torch.empty(num_programs, 2, block_t, constexprs["H1P"], dtype=torch.float32, device=device)
                    if h_chunk < constexprs["H1P"] else mlp.dummy)
-        for phase, chunk in phases:
+        count = dice_gate.count.clamp(min=1) if training else None
+        launches = _backward_launches(constexprs["DP"], hidden_p, keys.dtype, dice_mode)
+        for _, phase, chunk, mode, stop_layer, first_chunk, num_warps in launches:
             _din_attention_bwd_kernel[(num_programs,)](
                 query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
                 mlp.act_packed, span, _mask_bytes(mask, mlp.dummy),
                 grad_pooled, grad_weights, row_max, row_sum, delta,
                 grad_keys, grad_u, grad_query_part,
                 part_p, part_pq, dummy_layers[0][0], dummy_layers[0][1], dummy_layers[1][0], dummy_layers[1][1],
-                part_wo, part_bo, part_act, scratch,
+                part_wo, part_bo, part_act, scratch, corr, part_gate,
                 batch, seq_len, query.stride(0), keys.stride(0), keys.stride(1), grad_keys.stride(0),
-                grad_keys.stride(1), float(softmax_scale), **constexprs, BLOCK_T=block_t, BD=chunk,
-                PHASE=phase, HC=h_chunk, num_warps=num_warps)
+                grad_keys.stride(1), float(softmax_scale), int(dice_gate is not None and dice_gate.keep_all),
+                **constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk, DICE_MODE=mode,
+                STOP_LAYER=stop_layer, BD_FIRST=first_chunk, num_warps=num_warps)
+            if phase == 0:
+                # Layer l's terms, for the passes after it: its sums needed those of every
+                # layer above it, which the passes before it had.
+                layer = stop_layer - 1
+                s0, s1 = part_gate[:, layer].sum(0)
+                corr[layer, 0] = s0 / count
+                corr[layer, 1] = dice_gate.rstd[layer] ** 2 * s1 / count
     # z1 = u + k M with u = q (Wq + Wd)^T + b1 and M = (Wk - Wd)^T + diag(q) Wp^T.
     sum_p, sum_pq = part_p.sum(0), part_pq.sum(0)
     grad_uq = grad_u.t() @ query.float()                       # sum_b G_b q_b^T  [H1, D]
     first_weight = torch.cat([grad_uq, sum_p, grad_uq - sum_p, sum_pq], dim=1)
     grad_query = grad_query_part + grad_u @ mlp.query_fold
+    gate = None
+    if dice_gate is not None:
+        gate = [(part_gate[:, i, 0, :h].sum(0), part_gate[:, i, 1, :h].sum(0)) for i, h in enumerate(hidden)]
     return dict(query=grad_query, keys=grad_keys, first_weight=first_weight, first_bias=grad_u.sum(0),
                 layers=[(w.sum(0), b.sum(0)) for w, b in part_layers], score_weight=part_wo.sum(0),
-                score_bias=part_bo.sum(0).reshape(1), act=[part_act[:, i, :h].sum(0) for i, h in enumerate(hidden)])
+                score_bias=part_bo.sum(0).reshape(1), act=[part_act[:, i, :h].sum(0) for i, h in enumerate(hidden)],
+                gate=gate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -834,6 +1112,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
 _DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _CANONICAL_DIMS = (36, 64, 128)
 _CANONICAL_HIDDEN = ((80, 40), (64, 16), (200,))
+_SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
 def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int):
@@ -852,41 +1131,57 @@ def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], cons
 
 def _aot_specs() -> List[dict]:
     specs = []
+    index_types = {"mask_ptr": "*u8", "span_ptr": "*i32", "stat_count_ptr": "*i32"}
+    forward_scalars = dict(T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32", softmax_scale="fp32")
+    backward_scalars = dict(B="i32", T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32", stride_gkb="i32",
+                            stride_gkt="i32", softmax_scale="fp32", keep_all="i32")
     for dtype, io in _DTYPE_SIG.items():
+        forward_pointers = dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types)
+        backward_pointers = dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types)
         for dim in _CANONICAL_DIMS:
             for hidden in _CANONICAL_HIDDEN:
-                for activation in ACTIVATION_CODES:
+                for activation, act_code in _SPEC_ACTIVATIONS.items():
                     for normalization in NORMALIZATION_CODES:
                         for has_mask in (False, True):
                             sizes = list(hidden) + [1] * (3 - len(hidden))
                             constexprs = dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]),
                                               H2=sizes[1], H2P=_padded(sizes[1]), H3=sizes[2],
                                               H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden),
-                                              ACT=ACTIVATION_CODES[activation],
+                                              ACT=act_code,
                                               NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
                                               IEEE=dtype == torch.float32)
                             hidden_p = _padded_hidden(constexprs)
                             tag = (f"{str(dtype).split('.')[-1]}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
                                    f"{normalization}{'_mask' if has_mask else ''}")
-                            index_types = {"mask_ptr": "*u8", "span_ptr": "*i32"}
                             # The forward's BLOCK_T shrinks for sequences shorter than its tile.
-                            forward_configs = sorted({_forward_config(constexprs["DP"], hidden_p, t, dtype)
+                            forward_configs = sorted({_forward_config(constexprs["DP"], hidden_p, t, dtype,
+                                                                      act_code == DICE_AFFINE_CODE)
                                                       for t in (1, 4096)})
+                            # Dice statistics passes: one per hidden layer (the normalization
+                            # plays no part in them; the launcher passes "none").
+                            dice = act_code >= ACTIVATION_CODES["dice"]
+                            stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
                             for block_t, chunk, num_warps in forward_configs:
+                                for stat_layer in (0, *stat_layers):
+                                    stage = f"_stats{stat_layer}" if stat_layer else ""
+                                    specs.append(_spec(
+                                        f"din_attention_fwd_{tag}{stage}_t{block_t}", _din_attention_fwd_kernel,
+                                        forward_pointers, forward_scalars,
+                                        dict(constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=stat_layer),
+                                        num_warps))
+                            block_t, _, h_chunk, _ = _backward_config(constexprs["DP"], hidden_p, dtype)
+                            # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
+                            # statistics, every launch of DICE_MODE 2.
+                            modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
+                                     else (1, 2) if act_code == DICE_AFFINE_CODE else (0,))
+                            launches = [launch for mode in modes
+                                        for launch in _backward_launches(constexprs["DP"], hidden_p, dtype, mode)]
+                            for suffix, phase, chunk, dice_mode, stop_layer, first_chunk, num_warps in launches:
                                 specs.append(_spec(
-                                    f"din_attention_fwd_{tag}_t{block_t}", _din_attention_fwd_kernel,
-                                    dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types),
-                                    dict(T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
-                                         softmax_scale="fp32"),
-                                    dict(constexprs, BLOCK_T=block_t, BD=chunk), num_warps))
-                            block_t, num_warps, h_chunk, phases = _backward_config(constexprs["DP"], hidden_p, dtype)
-                            for phase, chunk in phases:
-                                specs.append(_spec(
-                                    f"din_attention_bwd_{tag}_p{phase}", _din_attention_bwd_kernel,
-                                    dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types),
-                                    dict(B="i32", T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
-                                         stride_gkb="i32", stride_gkt="i32", softmax_scale="fp32"),
-                                    dict(constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk),
+                                    f"din_attention_bwd_{tag}{suffix}", _din_attention_bwd_kernel,
+                                    backward_pointers, backward_scalars,
+                                    dict(constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk,
+                                         DICE_MODE=dice_mode, STOP_LAYER=stop_layer, BD_FIRST=first_chunk),
                                     num_warps))
     return specs
 

@@ -16,8 +16,9 @@ from din_fast.triton_ops import attention as triton_attention  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_mlp(dim, hidden, activation, dtype, prelu_shared=False):
-    """Random MLP parameters (nn.Linear layout) and per-layer activation parameters."""
+def make_mlp(dim, hidden, activation, dtype, prelu_shared=False, affine=False):
+    """Random MLP parameters (nn.Linear layout) and per-layer activation parameters (Dice: alpha,
+    running mean and variance, and with ``affine`` the gate's weight and bias)."""
     sizes = [4 * dim, *hidden, 1]
     weights = [(torch.randn(out, inp, device=DEVICE) / inp ** 0.5).to(dtype) for inp, out in zip(sizes, sizes[1:])]
     biases = [(0.1 * torch.randn(out, device=DEVICE)).to(dtype) for out in sizes[1:]]
@@ -26,30 +27,57 @@ def make_mlp(dim, hidden, activation, dtype, prelu_shared=False):
     elif activation == "dice":
         act_params = [(torch.rand(h, device=DEVICE).to(dtype), (0.3 * torch.randn(h, device=DEVICE)).to(dtype),
                        (0.5 + torch.rand(h, device=DEVICE)).to(dtype)) for h in hidden]
+        if affine:
+            act_params = [layer + ((1.0 + 0.5 * torch.randn(h, device=DEVICE)).to(dtype),
+                                   (0.3 * torch.randn(h, device=DEVICE)).to(dtype))
+                          for layer, h in zip(act_params, hidden)]
     else:
         act_params = [() for _ in hidden]
     return weights, biases, act_params
 
 
 def trainable(activation, act_params):
-    """The differentiable activation parameters: prelu weights, dice alpha (running statistics
-    are buffers)."""
-    return [layer[0] for layer in act_params] if activation in ("prelu", "dice") else []
+    """The differentiable activation parameters: prelu weights, dice alpha and the affine gate's
+    weight and bias (running statistics are buffers)."""
+    if activation == "dice":
+        return [p for layer in act_params for j, p in enumerate(layer) if j not in (1, 2)]
+    return [layer[0] for layer in act_params] if activation == "prelu" else []
+
+
+def trainable_names(activation, act_params):
+    if activation == "dice":
+        return [f"act_params[{i}][{j}]" for i, layer in enumerate(act_params) for j in range(len(layer))
+                if j not in (1, 2)]
+    return [f"act_params[{i}][0]" for i in range(len(act_params))] if activation == "prelu" else []
 
 
 def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normalization="none", softmax_scale=1.0,
                     dtype=torch.float32, lengths=None, mask=None, prelu_shared=False, api="functional",
-                    grad_scale=1.0):
+                    grad_scale=1.0, affine=False, training=False, dice_stats="valid", momentum=0.1):
     """Runs the triton backend and the float64 reference on the same inputs and upstream
-    gradients, and compares pooled, weights and the gradient of every input and parameter."""
+    gradients, and compares pooled, weights, the gradient of every input and parameter and (Dice
+    in training) the updated running statistics."""
     query = torch.randn(batch, dim, device=DEVICE).to(dtype)
     keys = torch.randn(batch, seq_len, dim, device=DEVICE).to(dtype)
-    weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, prelu_shared)
+    weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, prelu_shared, affine)
     leaves = [query, keys, *weights, *biases, *trainable(activation, act_params)]
     for t in leaves:
         t.requires_grad_(True)
+
+    def f64(t):
+        return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+    # Copied before the triton run: in training it updates the running statistics in place.
+    ref_leaves = [f64(t) for t in leaves]
+    n = len(weights)
+    ref_weights, ref_biases = ref_leaves[2:2 + n], ref_leaves[2 + n:2 + 2 * n]
+    ref_trainable = iter(ref_leaves[2 + 2 * n:])
+    ref_act = [tuple(f64(p) if activation == "dice" and j in (1, 2) else next(ref_trainable)
+                     for j, p in enumerate(layer)) for layer in act_params]
+
     options = dict(lengths=lengths, mask=mask, activation=activation, act_params=act_params,
-                   normalization=normalization, softmax_scale=softmax_scale, training=False)
+                   normalization=normalization, softmax_scale=softmax_scale, training=training,
+                   dice_stats=dice_stats, momentum=momentum)
     if api == "functional":
         pooled, attn = functional.attention_pooling(query, keys, weights, biases, backend="triton", **options)
     else:
@@ -58,14 +86,6 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     grad_attn = torch.randn_like(attn)
     grads = torch.autograd.grad((pooled * grad_pooled).sum() + (attn * grad_attn).sum(), leaves)
 
-    def f64(t):
-        return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
-
-    ref_leaves = [f64(t) for t in leaves]
-    n = len(weights)
-    ref_weights, ref_biases = ref_leaves[2:2 + n], ref_leaves[2 + n:2 + 2 * n]
-    ref_trainable = iter(ref_leaves[2 + 2 * n:])
-    ref_act = [tuple(next(ref_trainable) if j == 0 else f64(p) for j, p in enumerate(layer)) for layer in act_params]
     ref_options = dict(options, act_params=ref_act)
     ref_pooled, ref_attn = reference.attention_pooling(ref_leaves[0], ref_leaves[1], ref_weights, ref_biases,
                                                        **ref_options)
@@ -75,10 +95,15 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     assert_close(pooled, ref_pooled, dtype, "pooled")
     assert_close(attn, ref_attn, dtype, "weights")
     names = ["query", "keys"] + [f"weights[{i}]" for i in range(n)] + [f"biases[{i}]" for i in range(n)] + \
-        [f"act_params[{i}][0]" for i in range(len(leaves) - 2 - 2 * n)]
+        trainable_names(activation, act_params)
+    assert len(names) == len(leaves)
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         assert_close(got, want, dtype, f"grad {name}", scale=grad_scale)
+    if activation == "dice":
+        for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
+            assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
+            assert_close(layer[2], ref_layer[2], dtype, f"running_var[{i}]")
     return pooled, attn, grads
 
 
@@ -193,14 +218,6 @@ def test_score_candidates_matches_reference(activation, normalization):
     assert_close(attn, ref_attn, torch.float32, "weights")
 
 
-def test_dice_training_is_refused_not_approximated():
-    query, keys = torch.randn(2, 18, device=DEVICE), torch.randn(2, 3, 18, device=DEVICE)
-    weights, biases, act_params = make_mlp(18, (12,), "dice", torch.float32)
-    with pytest.raises(NotImplementedError, match="attention_pooling_dice_training"):
-        functional.attention_pooling(query, keys, weights, biases, activation="dice", act_params=act_params,
-                                     training=True, backend="triton")
-
-
 def test_float64_is_refused():
     query, keys = torch.randn(2, 18, device=DEVICE).double(), torch.randn(2, 3, 18, device=DEVICE).double()
     weights, biases, _ = make_mlp(18, (12,), "sigmoid", torch.float64)
@@ -228,16 +245,18 @@ def test_torch_compile_traces_without_graph_breaks():
     assert_close(grad, want_grad.double(), torch.float32, "grad query")
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("activation,training", [("sigmoid", False), ("dice", True)])
+def test_custom_ops_pass_opcheck(activation, training):
     query = torch.randn(2, 18, device=DEVICE)
     keys = torch.randn(2, 4, 18, device=DEVICE)
-    weights, biases, _ = make_mlp(18, (12,), "sigmoid", torch.float32)
-    args = (query, keys, weights, biases, torch.tensor([4, 1], device=DEVICE), None, [], "sigmoid", "softmax",
-            1.0, 1e-8)
+    weights, biases, act_params = make_mlp(18, (12, 6), activation, torch.float32, affine=training)
+    act_flat = [p for layer in act_params for p in layer]
+    args = (query, keys, weights, biases, torch.tensor([4, 1], device=DEVICE), None, act_flat, activation, "softmax",
+            1.0, 1e-8, training, "valid")
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    pooled, attn, row_max, row_sum = torch.ops.din_fast.attention_pooling_fwd(*args)
-    backward_args = args[:7] + (pooled, attn, row_max, row_sum, torch.randn_like(pooled), torch.randn_like(attn)) \
+    outputs = torch.ops.din_fast.attention_pooling_fwd(*args)
+    backward_args = args[:7] + tuple(outputs) + (torch.randn_like(outputs[0]), torch.randn_like(outputs[1])) \
         + args[7:]
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_bwd.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
@@ -246,12 +265,152 @@ def test_custom_ops_pass_opcheck():
 def test_aot_specs_cover_every_option():
     names = {spec["name"] for spec in kernels.AOT_SPECS}
     for dtype in ("float32", "bfloat16", "float16"):
-        for activation in kernels.ACTIVATION_CODES:
+        for activation in [*kernels.ACTIVATION_CODES, "dice_affine"]:
             for normalization in kernels.NORMALIZATION_CODES:
                 tag = f"{dtype}_d36_h80x40_{activation}_{normalization}"
                 assert any(n.startswith(f"din_attention_bwd_{tag}_p") for n in names)
                 assert any(n.startswith(f"din_attention_bwd_{tag}_mask_p") for n in names)
                 assert any(n.startswith(f"din_attention_fwd_{tag}_t") for n in names)
+                if activation.startswith("dice"):
+                    for mask in ("", "_mask"):
+                        for suffix in ("train_p0s1", "train_p0s2", "train_p1", "train_p2", "train_p3"):
+                            assert f"din_attention_bwd_{tag}{mask}_{suffix}" in names
+                        for layer in (1, 2):
+                            assert any(n.startswith(f"din_attention_fwd_{dtype}_d36_h80x40_{activation}_none{mask}"
+                                                    f"_stats{layer}_t") for n in names)
     for spec in kernels.AOT_SPECS:
         assert set(spec["signature"]) == set(spec["fn"].arg_names)
         assert all(spec["signature"][name] == "constexpr" for name in spec["constexprs"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dice with batch statistics (training) and the affine gate
+# ----------------------------------------------------------------------------------------------
+
+
+MASK_WITH_HOLES = [[True, False, True, True, False], [False, False, False, False, False],
+                   [False, True, False, False, True]]
+
+
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+@pytest.mark.parametrize("hidden,affine,normalization,valid", [
+    ((40,), False, "none", "lengths"),          # H1 = 40, one layer: dz1 through the scratch tile
+    ((20, 12), True, "softmax", "lengths"),     # H1 = 20: the backward's layer 1 in H1 chunks
+    ((12, 8, 6), True, "softmax", "mask"),
+    ((10, 6, 5), False, "none", "mask"),
+    ((9, 7), True, "none", "neither"),
+])
+def test_dice_training(dice_stats, hidden, affine, normalization, valid):
+    lengths = torch.tensor([5, 0, 3], device=DEVICE) if valid == "lengths" else None
+    mask = torch.tensor(MASK_WITH_HOLES, device=DEVICE) if valid == "mask" else None
+    run_and_compare(3, 5, 18, hidden, activation="dice", normalization=normalization, softmax_scale=0.7,
+                    lengths=lengths, mask=mask, affine=affine, training=True, dice_stats=dice_stats, momentum=0.3)
+
+
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+def test_dice_training_single_position_and_single_sample(dice_stats):
+    # T = 1 with an empty sample; B = 1 over several positions; B = T = 1 (one position counts:
+    # variance 0, the gate sits at its bias).
+    run_and_compare(3, 1, 18, (12, 6), activation="dice", normalization="softmax", training=True,
+                    dice_stats=dice_stats, lengths=torch.tensor([1, 0, 1], device=DEVICE), api="triton_ops")
+    run_and_compare(1, 4, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
+                    dice_stats=dice_stats, lengths=torch.tensor([3], device=DEVICE), api="triton_ops")
+    run_and_compare(1, 1, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
+                    dice_stats=dice_stats, api="triton_ops")
+
+
+def test_dice_training_with_no_valid_position_leaves_running_statistics():
+    # dice_stats="valid" over an all-padding batch: nothing to count, running statistics
+    # untouched (run_and_compare checks them against the reference), output and gradients 0.
+    pooled, attn, grads = run_and_compare(2, 3, 18, (12, 6), activation="dice", normalization="softmax",
+                                          training=True, affine=True, api="triton_ops",
+                                          lengths=torch.zeros(2, dtype=torch.long, device=DEVICE))
+    assert torch.equal(pooled, torch.zeros_like(pooled)) and torch.equal(attn, torch.zeros_like(attn))
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+def test_dice_training_paper_shape_across_tiles(dice_stats):
+    # D = 36 (the fp32 forward's D chunks), hidden (80, 40), 37 positions: three backward tiles,
+    # two forward tiles, moments merged across tiles and samples.
+    run_and_compare(2, 37, 36, (80, 40), activation="dice", normalization="softmax", softmax_scale=1 / 6,
+                    training=True, dice_stats=dice_stats, affine=dice_stats == "all", api="triton_ops",
+                    lengths=torch.tensor([37, 20], device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dice_training_half_precision(dtype):
+    run_and_compare(3, 5, 18, (12, 8), activation="dice", normalization="softmax", dtype=dtype, training=True,
+                    affine=True, dice_stats="all", api="triton_ops", lengths=torch.tensor([5, 2, 0], device=DEVICE))
+
+
+@pytest.mark.parametrize("hidden", [(20, 12), (12,)])
+def test_affine_dice_inference(hidden):
+    run_and_compare(3, 5, 18, hidden, activation="dice", normalization="softmax", affine=True,
+                    lengths=torch.tensor([5, 0, 3], device=DEVICE))
+
+
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stats):
+    # The kernel-level path: one statistics pass per layer, each using the layers below with
+    # their batch statistics, then the forward into NaN-filled buffers.
+    batch, seq_len, dim, hidden = 3, 21, 18, (12, 8)
+    query = torch.randn(batch, dim, device=DEVICE)
+    keys = torch.randn(batch, seq_len, dim, device=DEVICE)
+    weights, biases, act_params = make_mlp(dim, hidden, "dice", torch.float32)
+    lengths = torch.tensor([21, 0, 6], device=DEVICE)
+    ref_act = [tuple(p.double() for p in layer) for layer in act_params]
+    ref_pooled, ref_attn = reference.attention_pooling(
+        query.double(), keys.double(), [w.double() for w in weights], [b.double() for b in biases], lengths=lengths,
+        activation="dice", act_params=ref_act, normalization="softmax", dice_stats=dice_stats, training=True)
+    mlp = kernels.FoldedMLP(weights, biases, [() for _ in hidden])
+    span = kernels.sequence_span(batch, seq_len, lengths, None, DEVICE)
+    stat_span = span if dice_stats == "valid" else torch.full_like(span, seq_len)
+    valid = torch.arange(seq_len, device=DEVICE)[None, :] < lengths[:, None]
+    ref_stat_mask = valid if dice_stats == "valid" else None
+    h = reference.attention_features(query.double(), keys.double())
+    for layer, (alpha, _, _) in enumerate(act_params):
+        mean, var, count = kernels.dice_layer_statistics(query, keys, mlp, stat_span, None, layer)
+        h = torch.nn.functional.linear(h, weights[layer].double(), biases[layer].double())
+        ref_mean, ref_var, ref_count = reference.dice_statistics(h, ref_stat_mask)
+        assert_close(mean, ref_mean, torch.float32, f"mean[{layer}]")
+        assert_close(var, ref_var, torch.float32, f"var[{layer}]")
+        assert count.item() == ref_count.item()
+        h = reference.dice(h, alpha.double(), None, None, ref_stat_mask, training=True)
+        rstd = torch.rsqrt(var + 1e-8)
+        mlp.set_act_vectors(layer, (alpha, mean, rstd))
+    pooled = nan_filled((batch, dim), torch.float32, DEVICE)
+    attn = nan_filled((batch, seq_len), torch.float32, DEVICE)
+    kernels.attention_forward(query, keys, mlp, span, None, normalization="softmax", activation="dice",
+                              softmax_scale=1.0, pooled=pooled, weights=attn)
+    assert_close(pooled, ref_pooled, torch.float32, "pooled")
+    assert_close(attn, ref_attn, torch.float32, "weights")
+
+
+def test_dice_training_traces_without_graph_breaks():
+    query = torch.randn(2, 18, device=DEVICE, requires_grad=True)
+    keys = torch.randn(2, 5, 18, device=DEVICE)
+    weights, biases, act_params = make_mlp(18, (12, 8), "dice", torch.float32, affine=True)
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    eager_params = [tuple(p.clone() for p in layer) for layer in act_params]
+    initial_means = [layer[1].clone() for layer in act_params]
+
+    def loss(q, params):
+        pooled, attn = triton_attention.attention_pooling(q, keys, weights, biases, lengths=lengths,
+                                                          activation="dice", act_params=params, training=True,
+                                                          normalization="softmax")
+        return pooled.sum() + (attn * attn).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = compiled(query, act_params)
+    (grad,) = torch.autograd.grad(got, query)
+    want = loss(query, eager_params)
+    (want_grad,) = torch.autograd.grad(want, query)
+    assert_close(got, want.double(), torch.float32, "loss")
+    assert_close(grad, want_grad.double(), torch.float32, "grad query")
+    # The compiled graph updated the running statistics in place, as the eager call did.
+    for layer, eager_layer, initial_mean in zip(act_params, eager_params, initial_means):
+        assert not torch.equal(layer[1], initial_mean)
+        assert_close(layer[1], eager_layer[1].double(), torch.float32, "running_mean")
+        assert_close(layer[2], eager_layer[2].double(), torch.float32, "running_var")

@@ -2,9 +2,15 @@
 semantics as ``din_fast.reference``).
 
 One autograd formula over two custom ops registered with ``torch.library``:
-``din_fast::attention_pooling_fwd`` (pooled, weights and the per-sample softmax statistics) and
-``din_fast::attention_pooling_bwd`` (every gradient, by recomputation). ``torch.compile`` traces
-both without graph breaks; neither synchronises with the host.
+``din_fast::attention_pooling_fwd`` (pooled, weights, the per-sample softmax statistics and, for
+training-mode Dice, each layer's batch statistics) and ``din_fast::attention_pooling_bwd`` (every
+gradient, by recomputation, with Dice's cross-sample terms). Both are functional: the running
+statistics are updated by ``attention_pooling`` from the forward's batch statistics, on the
+device. ``torch.compile`` traces both without graph breaks; neither synchronises with the host.
+
+Dice parameters per hidden layer: ``(alpha, running_mean, running_var)`` or, for the affine gate,
+``(alpha, running_mean, running_var, weight, bias)``; the kernels take the gate as
+``sigmoid((z - mean) * scale + bias)``, ``scale = weight * rstd``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from din_fast._running_stats import update_running_stats
 from din_fast.kernels import attention as _k
 
 Tensor = torch.Tensor
@@ -21,116 +28,221 @@ _PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _dice_layers(hidden: Sequence[int], act_flat: Sequence[Tensor]) -> List[Sequence[Tensor]]:
+    """``act_flat`` split per hidden layer: ``(alpha, running_mean, running_var)`` or
+    ``(alpha, running_mean, running_var, weight, bias)``."""
+    arity = len(act_flat) // len(hidden)
+    return [act_flat[arity * i:arity * (i + 1)] for i in range(len(hidden))]
+
+
+def _gate_vectors(params: Sequence[Tensor], mean: Tensor, rstd: Tensor) -> Tuple[Tensor, ...]:
+    """One Dice layer's ``(alpha, mean, scale[, bias])`` (fp32): the gate
+    ``sigmoid((z - mean) * scale + bias)`` with ``scale = weight * rstd``; without the affine
+    gate ``scale = rstd`` and the bias is the packed buffer's 0."""
+    if len(params) == 3:
+        return params[0].float(), mean, rstd
+    return params[0].float(), mean, params[3].float() * rstd, params[4].float()
+
+
 def _act_vectors(activation: str, hidden: Sequence[int], act_flat: Sequence[Tensor], eps: float):
-    """Per hidden layer ``(p0, p1, p2)`` in the kernels' convention: prelu weight (broadcast to
-    ``[H]``), or dice alpha, running mean and ``1 / sqrt(running_var + eps)``."""
-    vectors = []
-    for i, width in enumerate(hidden):
-        if activation == "prelu":
-            weight = act_flat[i].float().expand(width)
-            vectors.append((weight,))
-        elif activation == "dice":
-            alpha, mean, var = act_flat[3 * i:3 * i + 3]
-            vectors.append((alpha.float(), mean.float(), torch.rsqrt(var.float() + eps)))
-        else:
-            vectors.append(())
-    return vectors
+    """Per hidden layer the kernels' activation vectors: prelu weight (broadcast to ``[H]``), or
+    dice ``(alpha, mean, scale, bias)`` from the running statistics."""
+    if activation == "dice":
+        return [_gate_vectors(params, params[1].float(), torch.rsqrt(params[2].float() + eps))
+                for params in _dice_layers(hidden, act_flat)]
+    if activation == "prelu":
+        return [(act_flat[i].float().expand(width),) for i, width in enumerate(hidden)]
+    return [() for _ in hidden]
 
 
 def _prepare(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
              lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, act_flat: Sequence[Tensor],
-             eps: float):
+             eps: float, batch_statistics: bool):
+    """Contiguous inputs, the folded MLP (Dice layers with batch statistics get their vectors
+    later) and the span."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     hidden = [int(w.shape[0]) for w in weights[:-1]]
-    mlp = _k.FoldedMLP(weights, biases, _act_vectors(activation, hidden, act_flat, eps))
+    act_vectors = [() for _ in hidden] if batch_statistics else _act_vectors(activation, hidden, act_flat, eps)
+    mlp = _k.FoldedMLP(weights, biases, act_vectors,
+                       gate_bias=activation == "dice" and len(act_flat) == 5 * len(hidden))
     batch, seq_len, _ = keys.shape
     span = _k.sequence_span(batch, seq_len, lengths, mask, keys.device)
     return query, keys, mlp, span
 
 
+def _all_positions(keys: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor]):
+    """``(span, mask)`` that walk every position of every sample (Dice statistics over all
+    ``B * T``) while the mask still tells the valid ones."""
+    batch, seq_len, _ = keys.shape
+    span = torch.full((batch,), seq_len, dtype=torch.int32, device=keys.device)
+    if lengths is not None:
+        mask = torch.arange(seq_len, device=keys.device)[None, :] < lengths[:, None]
+    return span, mask
+
+
+def _batch_statistics(activation: str, training: bool) -> bool:
+    return activation == "dice" and training
+
+
 @torch.library.custom_op("din_fast::attention_pooling_fwd", mutates_args=())
 def _attention_pooling_fwd(query: Tensor, keys: Tensor, weights: List[Tensor], biases: List[Tensor],
                            lengths: Optional[Tensor], mask: Optional[Tensor], act_flat: List[Tensor],
-                           activation: str, normalization: str, softmax_scale: float, eps: float
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    query, keys, mlp, span = _prepare(query, keys, weights, biases, lengths, mask, activation, act_flat, eps)
+                           activation: str, normalization: str, softmax_scale: float, eps: float, training: bool,
+                           dice_stats: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(pooled, weights, row_max, row_sum, dice_mean, dice_var, dice_count)``; the
+    last three are the Dice layers' fp32 batch statistics ``[NUM_HIDDEN, HMAX]`` (zero past each
+    layer's width) and the number of positions they ran over ``[]``, with training-mode Dice;
+    else empty."""
+    batch_statistics = _batch_statistics(activation, training)
+    query, keys, mlp, span = _prepare(query, keys, weights, biases, lengths, mask, activation, act_flat, eps,
+                                      batch_statistics)
+    if not batch_statistics:
+        empty = keys.new_empty(0, dtype=torch.float32)
+        return _k.attention_forward(query, keys, mlp, span, mask, normalization=normalization,
+                                    activation=activation, softmax_scale=softmax_scale) + (empty, empty.clone(),
+                                                                                           empty.clone())
+    stat_span, stat_mask = (span, mask) if dice_stats == "valid" else (_all_positions(keys, None, None)[0], None)
+    means = torch.zeros(len(mlp.hidden), mlp.hmax, dtype=torch.float32, device=keys.device)
+    variances = torch.zeros_like(means)
+    for layer, params in enumerate(_dice_layers(mlp.hidden, act_flat)):
+        mean, var, count = _k.dice_layer_statistics(query, keys, mlp, stat_span, stat_mask, layer)
+        mlp.set_act_vectors(layer, _gate_vectors(params, mean, torch.rsqrt(var + eps)))
+        means[layer, :mlp.hidden[layer]] = mean
+        variances[layer, :mlp.hidden[layer]] = var
     return _k.attention_forward(query, keys, mlp, span, mask, normalization=normalization, activation=activation,
-                                softmax_scale=softmax_scale)
+                                softmax_scale=softmax_scale) + (means, variances, count)
 
 
 @_attention_pooling_fwd.register_fake
-def _(query, keys, weights, biases, lengths, mask, act_flat, activation, normalization, softmax_scale, eps):
+def _(query, keys, weights, biases, lengths, mask, act_flat, activation, normalization, softmax_scale, eps, training,
+      dice_stats):
     batch, seq_len, dim = keys.shape
+    if _batch_statistics(activation, training):
+        stats_shape = (len(weights) - 1, max(int(w.shape[0]) for w in weights[:-1]))
+        count_shape = ()
+    else:
+        stats_shape = count_shape = (0,)
     return (keys.new_empty(batch, dim), keys.new_empty(batch, seq_len),
-            keys.new_empty(batch, dtype=torch.float32), keys.new_empty(batch, dtype=torch.float32))
+            keys.new_empty(batch, dtype=torch.float32), keys.new_empty(batch, dtype=torch.float32),
+            keys.new_empty(stats_shape, dtype=torch.float32), keys.new_empty(stats_shape, dtype=torch.float32),
+            keys.new_empty(count_shape, dtype=torch.float32))
+
+
+def _dice_gate(hidden: Sequence[int], act_flat: Sequence[Tensor], eps: float, batch_statistics: bool,
+               dice_mean: Tensor, dice_var: Tensor, dice_count: Tensor, keep_all: bool):
+    """The kernels' ``DiceGate`` and the gate vectors per layer (from the batch or the running
+    statistics), or ``(None, None)`` where the gate needs no sums (Dice without the affine gate
+    on running statistics)."""
+    layers = _dice_layers(hidden, act_flat)
+    if not batch_statistics and len(layers[0]) == 3:
+        return None, None
+    rstd = torch.zeros(len(hidden), max(hidden), dtype=torch.float32, device=act_flat[0].device)
+    vectors = []
+    for i, (width, params) in enumerate(zip(hidden, layers)):
+        if batch_statistics:
+            mean, var = dice_mean[i, :width], dice_var[i, :width]
+        else:
+            mean, var = params[1].float(), params[2].float()
+        rstd[i, :width] = torch.rsqrt(var + eps)
+        vectors.append(_gate_vectors(params, mean, rstd[i, :width]))
+    return _k.DiceGate(rstd, dice_count if batch_statistics else None, keep_all), vectors
 
 
 @torch.library.custom_op("din_fast::attention_pooling_bwd", mutates_args=())
 def _attention_pooling_bwd(query: Tensor, keys: Tensor, weights: List[Tensor], biases: List[Tensor],
                            lengths: Optional[Tensor], mask: Optional[Tensor], act_flat: List[Tensor],
                            pooled: Tensor, attn_weights: Tensor, row_max: Tensor, row_sum: Tensor,
+                           dice_mean: Tensor, dice_var: Tensor, dice_count: Tensor,
                            grad_pooled: Tensor, grad_weights: Tensor, activation: str, normalization: str,
-                           softmax_scale: float, eps: float) -> List[Tensor]:
+                           softmax_scale: float, eps: float, training: bool, dice_stats: str) -> List[Tensor]:
     """Returns ``[grad_query, grad_keys, *grad_weights, *grad_biases, *grad_act_params]`` (one
     per element of ``act_flat``; zeros for dice running statistics, which get no gradient)."""
-    query_c, keys_c, mlp, span = _prepare(query, keys, weights, biases, lengths, mask, activation, act_flat, eps)
+    batch_statistics = _batch_statistics(activation, training)
+    query_c, keys_c, mlp, span = _prepare(query, keys, weights, biases, lengths, mask, activation, act_flat, eps,
+                                          batch_statistics)
+    hidden = mlp.hidden
+    dice_gate = None
+    if activation == "dice":
+        keep_all = batch_statistics and dice_stats == "all"
+        dice_gate, vectors = _dice_gate(hidden, act_flat, eps, batch_statistics, dice_mean, dice_var, dice_count,
+                                        keep_all)
+        if batch_statistics:
+            for layer, layer_vectors in enumerate(vectors):
+                mlp.set_act_vectors(layer, layer_vectors)
+        if keep_all:
+            span, mask = _all_positions(keys, lengths, mask)
     grads = _k.attention_backward(query_c, keys_c, mlp, span, mask, pooled, attn_weights, row_max, row_sum,
                                   grad_pooled, grad_weights, normalization=normalization, activation=activation,
-                                  softmax_scale=softmax_scale)
+                                  softmax_scale=softmax_scale, dice_gate=dice_gate)
     layer_grads = [(grads["first_weight"], grads["first_bias"])] + grads["layers"] + \
         [(grads["score_weight"].reshape(1, -1), grads["score_bias"])]
     out = [grads["query"].to(query.dtype), grads["keys"]]
     out += [g.to(w.dtype) for (g, _), w in zip(layer_grads, weights)]
     out += [g.to(b.dtype) for (_, g), b in zip(layer_grads, biases)]
-    for i, act_grad in enumerate(grads["act"]):
-        if activation == "prelu":
+    if activation == "prelu":
+        for i, act_grad in enumerate(grads["act"]):
             param = act_flat[i]
             out.append((act_grad if param.shape[0] == act_grad.shape[0] else act_grad.sum().reshape(1)).to(param.dtype))
-        elif activation == "dice":
-            alpha, mean, var = act_flat[3 * i:3 * i + 3]
-            out += [act_grad.to(alpha.dtype), torch.zeros_like(mean), torch.zeros_like(var)]
+    elif activation == "dice":
+        for i, params in enumerate(_dice_layers(hidden, act_flat)):
+            out += [grads["act"][i].to(params[0].dtype), torch.zeros_like(params[1]), torch.zeros_like(params[2])]
+            if len(params) == 5:
+                # gate = sigmoid(weight * (z - mean) * rstd + bias): dweight = rstd S1, dbias = S0.
+                gate_bias, gate_centred = grads["gate"][i]
+                out += [(dice_gate.rstd[i, :hidden[i]] * gate_centred).to(params[3].dtype),
+                        gate_bias.to(params[4].dtype)]
     return out
 
 
 @_attention_pooling_bwd.register_fake
-def _(query, keys, weights, biases, lengths, mask, act_flat, pooled, attn_weights, row_max, row_sum, grad_pooled,
-      grad_weights, activation, normalization, softmax_scale, eps):
+def _(query, keys, weights, biases, lengths, mask, act_flat, pooled, attn_weights, row_max, row_sum, dice_mean,
+      dice_var, dice_count, grad_pooled, grad_weights, activation, normalization, softmax_scale, eps, training,
+      dice_stats):
     return ([torch.empty_like(query), torch.empty_like(keys, memory_format=torch.contiguous_format)]
             + [torch.empty_like(w) for w in weights] + [torch.empty_like(b) for b in biases]
             + [torch.empty_like(p) for p in act_flat])
 
 
 def _setup_context(ctx, inputs, output):
-    query, keys, weights, biases, lengths, mask, act_flat, activation, normalization, softmax_scale, eps = inputs
-    pooled, attn_weights, row_max, row_sum = output
+    (query, keys, weights, biases, lengths, mask, act_flat, activation, normalization, softmax_scale, eps, training,
+     dice_stats) = inputs
+    pooled, attn_weights, row_max, row_sum, dice_mean, dice_var, dice_count = output
     ctx.num_layers = len(weights)
     ctx.num_act = len(act_flat)
-    ctx.options = (activation, normalization, softmax_scale, eps)
-    ctx.save_for_backward(query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, *weights, *biases,
-                          *act_flat)
+    ctx.options = (activation, normalization, softmax_scale, eps, training, dice_stats)
+    if _batch_statistics(activation, training):
+        # The running statistics are updated in place after the forward and the backward does
+        # not read them: their slots carry the layer's alpha (same shape), not a stale copy.
+        arity = len(act_flat) // (len(weights) - 1)
+        act_flat = [act_flat[i - i % arity] if i % arity in (1, 2) else p for i, p in enumerate(act_flat)]
+    ctx.save_for_backward(query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, dice_mean, dice_var,
+                          dice_count, *weights, *biases, *act_flat)
 
 
-def _backward(ctx, grad_pooled, grad_weights, _grad_row_max, _grad_row_sum):
-    query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, *params = ctx.saved_tensors
+def _backward(ctx, grad_pooled, grad_weights, *_grad_statistics):
+    (query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, dice_mean, dice_var, dice_count,
+     *params) = ctx.saved_tensors
     n = ctx.num_layers
     weights, biases, act_flat = params[:n], params[n:2 * n], params[2 * n:]
     if grad_pooled is None:
         grad_pooled = torch.zeros_like(pooled)
     if grad_weights is None:
         grad_weights = torch.zeros_like(attn_weights)
-    activation, normalization, softmax_scale, eps = ctx.options
+    activation, normalization, softmax_scale, eps, training, dice_stats = ctx.options
     grads = _attention_pooling_bwd(query, keys, list(weights), list(biases), lengths, mask, list(act_flat), pooled,
-                                   attn_weights, row_max, row_sum, grad_pooled, grad_weights, activation,
-                                   normalization, softmax_scale, eps)
+                                   attn_weights, row_max, row_sum, dice_mean, dice_var, dice_count, grad_pooled,
+                                   grad_weights, activation, normalization, softmax_scale, eps, training, dice_stats)
     grad_query, grad_keys = grads[0], grads[1]
     grad_w, grad_b, grad_act = grads[2:2 + n], grads[2 + n:2 + 2 * n], grads[2 + 2 * n:]
     if activation == "dice":
         # Running statistics are buffers, not differentiable inputs.
-        grad_act = [g if i % 3 == 0 else None for i, g in enumerate(grad_act)]
-    return grad_query, grad_keys, list(grad_w), list(grad_b), None, None, list(grad_act), None, None, None, None
+        arity = len(grad_act) // (n - 1)
+        grad_act = [None if i % arity in (1, 2) else g for i, g in enumerate(grad_act)]
+    return (grad_query, grad_keys, list(grad_w), list(grad_b), None, None, list(grad_act), None, None, None, None,
+            None, None)
 
 
 _attention_pooling_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -148,24 +260,27 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     """See ``din_fast.reference.attention_pooling``: query ``[B, D]``, keys ``[B, T, D]`` ->
     ``(pooled [B, D], weights [B, T])`` in keys' dtype.
 
+    Training-mode Dice takes its batch statistics per hidden layer by a statistics pass of the
+    kernels (nothing ``[B, T, H]`` is stored) and updates the running statistics in place like
+    ``BatchNorm`` (on the device; a batch with no position to count leaves them untouched).
+
     Raises:
         TypeError: float64 (or other) inputs; the kernels compute in fp32.
-        NotImplementedError: ``activation="dice"`` with ``training=True`` (batch statistics
-            inside the attention MLP are not implemented in the Triton kernels; use
-            ``backend="torch"``).
     """
     if keys.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports keys/query in float32, bfloat16 or float16, got {keys.dtype}; "
                         "use backend='torch' or 'reference' for it")
-    if activation == "dice" and training:
-        raise NotImplementedError(
-            "the triton backend does not implement training-mode Dice inside the attention MLP (batch "
-            "statistics); use backend='torch' or 'reference' for it, or training=False for running statistics")
     if len(weights) > 4:
         raise NotImplementedError(f"the triton attention kernels support 1 to 3 hidden layers, got {len(weights) - 1}")
-    pooled, attn_weights, _, _ = _attention_pooling_fwd(
-        query, keys, list(weights), list(biases), lengths, mask, _flatten_act_params(activation, act_params),
-        activation, normalization, float(softmax_scale), float(eps))
+    act_flat = _flatten_act_params(activation, act_params)
+    pooled, attn_weights, _, _, dice_mean, dice_var, dice_count = _attention_pooling_fwd(
+        query, keys, list(weights), list(biases), lengths, mask, act_flat, activation, normalization,
+        float(softmax_scale), float(eps), bool(training), dice_stats)
+    if _batch_statistics(activation, training):
+        for i, params in enumerate(act_params):
+            width = params[0].shape[0]
+            update_running_stats(params[1], params[2], dice_mean[i, :width], dice_var[i, :width], dice_count,
+                                 momentum)
     return pooled, attn_weights
 
 
