@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.batching import PADDING_ID, Batch, InteractionData, Samples, history_bounds, make_batch
+from .data.batching import (PADDING_ID, Batch, InteractionData, Samples, batch_indices, history_bounds,
+                             make_batch)
 from .modules import Dice
 
 Tensor = torch.Tensor
@@ -115,13 +116,7 @@ def local_batches(data: InteractionData, samples: Samples, batch_size: int, max_
     (``dice_stats="all"``) see what one process sees. A last global batch with fewer samples
     than ranks is skipped (no rank may be left without samples).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = np.arange(len(samples))
-    if shuffle:
-        (rng if rng is not None else np.random.default_rng()).shuffle(order)
-    for first in range(0, len(order), batch_size):
-        index = order[first:first + batch_size]
+    for index in batch_indices(len(samples), batch_size, shuffle=shuffle, rng=rng):
         if len(index) < world:
             continue
         _, lengths = history_bounds(data, samples, index, max_length)

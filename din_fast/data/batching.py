@@ -175,18 +175,26 @@ def make_batch(data: InteractionData, samples: Samples, index: np.ndarray, max_l
     )
 
 
+def batch_indices(num_samples: int, batch_size: int, *, shuffle: bool = False,
+                  rng: Optional[np.random.Generator] = None) -> Iterator[np.ndarray]:
+    """Yields the sample indices of each batch (the last one may be smaller), in a random order
+    drawn from ``rng`` when ``shuffle``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.arange(num_samples)
+    if shuffle:
+        (rng if rng is not None else np.random.default_rng()).shuffle(order)
+    for first in range(0, num_samples, batch_size):
+        yield order[first:first + batch_size]
+
+
 def iterate_batches(data: InteractionData, samples: Samples, batch_size: int, max_length: int, *,
                     shuffle: bool = False, rng: Optional[np.random.Generator] = None,
                     device=None) -> Iterator[Batch]:
     """Yields the padded batches of ``samples`` (the last one may be smaller), in a random order
     drawn from ``rng`` when ``shuffle``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = np.arange(len(samples))
-    if shuffle:
-        (rng if rng is not None else np.random.default_rng()).shuffle(order)
-    for first in range(0, len(order), batch_size):
-        batch = make_batch(data, samples, order[first:first + batch_size], max_length)
+    for index in batch_indices(len(samples), batch_size, shuffle=shuffle, rng=rng):
+        batch = make_batch(data, samples, index, max_length)
         yield batch if device is None else batch.to(device)
 
 
