@@ -838,19 +838,27 @@ class FoldedMLP:
                     H3=sizes[2], H3P=_padded(sizes[2]), HMAX=self.hmax, NUM_HIDDEN=len(self.hidden))
 
 
-def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype, gate_bias: bool = False
-                    ) -> Tuple[int, int, int]:
+def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype, gate_bias: bool = False,
+                    statistics: bool = False) -> Tuple[int, int, int]:
     """``(BLOCK_T, BD, num_warps)`` of the forward: tiles large enough to feed ``tl.dot``,
     small enough that the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay
     in registers; 3xTF32 dots (fp32) need about twice the registers, so fp32 works through D
     in chunks instead of holding the fold, and so does the affine Dice gate (its bias vectors
-    leave no room for the fold)."""
+    leave no room for the fold). A 4-warp program holding a D = 128 fold works on 16-row tiles
+    (32 rows spill on sm_80).
+
+    A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that it
+    sees exactly the forward's pre-activations; for fp32 with H1 <= 128 it runs on 4 warps
+    (it keeps fewer tiles live than the forward, and on 8 warps ptxas spills a value held
+    across its tile loop; the compile gate)."""
+    wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
         block, chunk = 16, min(dim_p, 32)
     else:
-        block, chunk = (32 if max(dim_p, *hidden_p) <= 128 else 16), dim_p
+        block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
-    wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
+    if statistics and dtype == torch.float32 and hidden_p[0] <= 128:
+        return block, chunk, 4
     return block, chunk, (8 if wide else 4)
 
 
@@ -987,7 +995,7 @@ def dice_layer_statistics(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedML
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, "none", "dice", mask is not None, keys.dtype)
         block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len,
-                                                    keys.dtype, mlp.gate_bias)
+                                                    keys.dtype, mlp.gate_bias, statistics=True)
         _din_attention_fwd_kernel[(batch,)](
             query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
             mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
@@ -1154,15 +1162,18 @@ def _aot_specs() -> List[dict]:
                             tag = (f"{str(dtype).split('.')[-1]}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
                                    f"{normalization}{'_mask' if has_mask else ''}")
                             # The forward's BLOCK_T shrinks for sequences shorter than its tile.
-                            forward_configs = sorted({_forward_config(constexprs["DP"], hidden_p, t, dtype,
-                                                                      act_code == DICE_AFFINE_CODE)
-                                                      for t in (1, 4096)})
                             # Dice statistics passes: one per hidden layer (the normalization
                             # plays no part in them; the launcher passes "none").
                             dice = act_code >= ACTIVATION_CODES["dice"]
                             stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
-                            for block_t, chunk, num_warps in forward_configs:
+                            gate_bias = act_code == DICE_AFFINE_CODE
+                            seq_lens = {_forward_config(constexprs["DP"], hidden_p, t, dtype, gate_bias)[0]: t
+                                        for t in (1, 4096)}
+                            for _, seq_len in sorted(seq_lens.items()):
                                 for stat_layer in (0, *stat_layers):
+                                    block_t, chunk, num_warps = _forward_config(
+                                        constexprs["DP"], hidden_p, seq_len, dtype, gate_bias,
+                                        statistics=stat_layer > 0)
                                     stage = f"_stats{stat_layer}" if stat_layer else ""
                                     specs.append(_spec(
                                         f"din_attention_fwd_{tag}{stage}_t{block_t}", _din_attention_fwd_kernel,
