@@ -1,8 +1,9 @@
 """Compile gate: every Triton kernel configuration compiled ahead of time, with no GPU.
 
 Each ``kernels/<op>.py`` (dice, attention, mba) exposes ``AOT_SPECS``: a list of
-``{"name", "fn", "signature", "constexprs", "num_warps"}`` covering every configuration its host
-launchers can choose. This module compiles each entry for sm_80 and sm_90 with
+``{"name", "fn", "signature", "constexprs", "num_warps"}`` (and ``"maxnreg"`` where the launcher sets
+a register limit) covering every configuration its host launchers can choose. This module
+compiles each entry for sm_80 and sm_90 with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and reads the resulting
 cubin with the ``cuobjdump`` that ships with Triton:
 
@@ -157,6 +158,13 @@ def cubin_resources(cubin: bytes) -> Dict[str, int]:
     return dict(registers=registers, stack_bytes=stack, static_shared=shared, spill_stores=stores, spill_loads=loads)
 
 
+def _compile_options(spec: dict) -> dict:
+    options = {"num_warps": int(spec["num_warps"])}
+    if spec.get("maxnreg") is not None:
+        options["maxnreg"] = int(spec["maxnreg"])
+    return options
+
+
 def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
     """Compiles one spec for ``sm_<cc>`` and reads its resources; errors land in the report."""
     import triton
@@ -172,7 +180,7 @@ def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
     try:
         compiled = triton.compile(
             ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec.get("constexprs", {}))),
-            target=GPUTarget("cuda", cc, 32), options={"num_warps": int(spec["num_warps"])})
+            target=GPUTarget("cuda", cc, 32), options=_compile_options(spec))
         resources = cubin_resources(compiled.asm["cubin"])
     except Exception as err:  # a failed compile is a result of the gate, not a crash of it
         report.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"

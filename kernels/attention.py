@@ -51,7 +51,7 @@ leave phase 1 no registers for it). The affine gate's gradients are ``dweight = 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -63,6 +63,11 @@ ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 # The kernels' code of Dice with the affine gate (its bias costs registers the plain gate keeps).
 DICE_AFFINE_CODE = 4
 NORMALIZATION_CODES = {"none": 0, "softmax": 1}
+# Register limit of the launches that keep few tiles live (16-bit Dice statistics and summing
+# passes): a 4- or 8-warp program may use 255 registers per thread, but left unset, ptxas lowers
+# its target on them for occupancy (64 to 168 registers) and spills values held across the tile
+# loop to reach it. Set everywhere, it makes the passes at the limit spill more, so it is not.
+MAX_REGISTERS = 255
 # Finite stand-in for -inf as the running max of an online softmax, so that a tile with no valid
 # position rescales by exp(0) = 1 instead of exp(-inf + inf) = NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -838,19 +843,42 @@ class FoldedMLP:
                     H3=sizes[2], H3P=_padded(sizes[2]), HMAX=self.hmax, NUM_HIDDEN=len(self.hidden))
 
 
+class _ForwardLaunch(NamedTuple):
+    """Launch options of one forward (or Dice statistics) launch."""
+
+    block_t: int               # BLOCK_T
+    chunk: int                 # BD
+    num_warps: int
+    maxnreg: Optional[int]     # register limit; None leaves it to ptxas
+
+
+class _BackwardLaunch(NamedTuple):
+    """One launch of the backward kernel and its options."""
+
+    suffix: str                # spec name suffix
+    phase: int                 # PHASE
+    chunk: int                 # BD
+    dice_mode: int             # DICE_MODE
+    stop_layer: int            # STOP_LAYER
+    first_chunk: int           # BD_FIRST
+    h_chunk: int               # HC
+    num_warps: int
+    maxnreg: Optional[int]
+
+
 def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype, gate_bias: bool = False,
-                    statistics: bool = False) -> Tuple[int, int, int]:
-    """``(BLOCK_T, BD, num_warps)`` of the forward: tiles large enough to feed ``tl.dot``,
-    small enough that the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay
-    in registers; 3xTF32 dots (fp32) need about twice the registers, so fp32 works through D
-    in chunks instead of holding the fold, and so does the affine Dice gate (its bias vectors
-    leave no room for the fold). A 4-warp program holding a D = 128 fold works on 16-row tiles
-    (32 rows spill on sm_80).
+                    statistics: bool = False) -> _ForwardLaunch:
+    """Launch options of the forward: tiles large enough to feed ``tl.dot``, small enough that
+    the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay in registers; 3xTF32
+    dots (fp32) need about twice the registers, so fp32 works through D in chunks instead of
+    holding the fold, and so does the affine Dice gate (its bias vectors leave no room for the
+    fold). A 4-warp program holding a D = 128 fold works on 16-row tiles (32 rows spill on sm_80).
 
     A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that it
-    sees exactly the forward's pre-activations; for fp32 with H1 <= 128 it runs on 4 warps
-    (it keeps fewer tiles live than the forward, and on 8 warps ptxas spills a value held
-    across its tile loop; the compile gate)."""
+    sees exactly the forward's pre-activations. It keeps fewer tiles live than the forward, and
+    left to itself ptxas lowers its register target for occupancy (64 to 168 registers) and
+    spills values held across the tile loop: fp32 passes with H1 <= 128 run on 4 warps, 16-bit
+    passes with the register limit ``MAX_REGISTERS`` (the compile gate)."""
     wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
         block, chunk = 16, min(dim_p, 32)
@@ -858,48 +886,68 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
     if statistics and dtype == torch.float32 and hidden_p[0] <= 128:
-        return block, chunk, 4
-    return block, chunk, (8 if wide else 4)
+        return _ForwardLaunch(block, chunk, 4, None)
+    half_statistics = statistics and dtype != torch.float32
+    return _ForwardLaunch(block, chunk, 8 if wide else 4, MAX_REGISTERS if half_statistics else None)
 
 
-def _backward_config(dim_p: int, hidden_p: Sequence[int], dtype: torch.dtype
-                     ) -> Tuple[int, int, int, Tuple[Tuple[int, int], ...]]:
-    """``(BLOCK_T, num_warps, HC, ((PHASE, BD), ...))`` of the backward. It keeps several
-    ``[BLOCK_T, H]`` tiles live, so it works on 16-row tiles, D in chunks of BD, H1-deep
-    products in chunks of HC, and in two recomputing passes (the second, with its
-    ``[H1, BD]`` weight sums, on narrower chunks): one pass needs more registers than there
-    are on sm_80/sm_90 for the canonical shapes. HC is chosen by measurement (the compile
-    gate's phase-1 spills): 16 where a second layer follows, 32 for a single hidden layer and
-    for fp32 at D > 64, which spill with 16-wide chunks."""
-    narrow = len(hidden_p) >= 2 and not (dtype == torch.float32 and dim_p > 64)
-    return 16, 8, min(hidden_p[0], 16 if narrow else 32), ((1, min(dim_p, 32)), (2, 16))
+_BACKWARD_BLOCK_T = 16
 
 
-def _backward_launches(dim_p: int, hidden_p: Sequence[int], dtype: torch.dtype, dice_mode: int
-                       ) -> List[Tuple[str, int, int, int, int, int, int]]:
-    """Every launch of the backward, in order, as ``(spec name suffix, PHASE, BD, DICE_MODE,
-    STOP_LAYER, BD_FIRST, num_warps)``. The affine gate on running statistics sums the gate in
-    phase 2. With batch statistics: one summing pass per layer, top down, then phases 1, 2 and 3
-    (the keys), every pass recomputing z1 with the same D chunks (the forward's for fp32, where
-    the forward works in chunks too; 16 for 16-bit inputs, which need the registers). The Dice
-    choices below are the compile gate's: 16-bit inputs spill in the summing passes above the
-    first layer on 8 warps (ptxas caps them at 128 registers) and in the affine gate's phase 2
-    on 16-wide D chunks where a second layer follows; phase 3 spills on 32-wide D chunks."""
-    _, num_warps, _, ((_, first_chunk), (_, second_chunk)) = _backward_config(dim_p, hidden_p, dtype)
-    half = dtype != torch.float32
+def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch]:
+    """Every launch of the backward, in order. It keeps several ``[BLOCK_T, H]`` tiles live, so
+    it works on 16-row tiles, D in chunks of BD, H1-deep products in chunks of HC, and in
+    recomputing passes: PHASE 1 (keys, layers above the first), PHASE 2 (query and the first
+    layer's weight sums, on narrower D chunks) and, with Dice's batch statistics, one summing
+    pass per layer first (top down) and PHASE 3 (the keys); the affine gate on running
+    statistics sums the gate in phase 2. Every pass recomputes z1 with the same D chunks
+    (BD_FIRST: the forward's for fp32, where the forward works in chunks too; 16 for 16-bit
+    inputs, which need the registers).
+
+    The choices are the compile gate's, for the canonical shapes on sm_80 and sm_90:
+
+    * HC: 32 for a single hidden layer and for fp32 at D > 64, else 16. fp32 with H1 > 64, a
+      second layer and D <= 64 sits at the 255-register limit, where ptxas spills a few values
+      on one configuration or another whatever the choice; per pass: phase 1 on 16-wide D
+      chunks with HC = 32, except sigmoid and ReLU on a padded D (D < DP, which spend registers
+      on the column mask) on 32-wide chunks with HC = 16 (ReLU without normalization but with a
+      mask excepted); phases 2 and 3 with HC = 32, except the affine gate's phase 2.
+    * 16-bit inputs spill in the summing passes above the first layer on 8 warps and in the
+      affine gate's phase 2 on 16-wide D chunks where a second layer follows; phase 3 spills
+      on 32-wide D chunks; summing passes set the register limit (ptxas otherwise lowers it
+      to 128 registers for occupancy and spills).
+    """
+    dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
+    half = not constexprs["IEEE"]
+    two_layers = len(hidden_p) >= 2
+    wide_h_chunk = min(hidden_p[0], 32)
+    narrow = two_layers and (half or dim_p <= 64)
+    h_chunk = min(hidden_p[0], 16) if narrow else wide_h_chunk
+    first_chunk, second_chunk, num_warps = min(dim_p, 32), 16, 8
+    first_h_chunk = second_h_chunk = h_chunk
+    if narrow and not half and hidden_p[0] >= 128:
+        padded_pointwise = constexprs["D"] < dim_p and constexprs["ACT"] in (
+            ACTIVATION_CODES["sigmoid"], ACTIVATION_CODES["relu"])
+        relu_masked_sum = (constexprs["ACT"] == ACTIVATION_CODES["relu"] and constexprs["HAS_MASK"]
+                           and constexprs["NORM"] == NORMALIZATION_CODES["none"])
+        if not padded_pointwise or relu_masked_sum:
+            first_chunk, first_h_chunk = 16, wide_h_chunk
+        second_h_chunk = wide_h_chunk
     if dice_mode == 0:
-        return [("_p1", 1, first_chunk, 0, 0, first_chunk, num_warps),
-                ("_p2", 2, second_chunk, 0, 0, second_chunk, num_warps)]
+        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
+                _BackwardLaunch("_p2", 2, second_chunk, 0, 0, second_chunk, second_h_chunk, num_warps, None)]
     if dice_mode == 1:
-        gate_chunk = min(dim_p, 32) if half and len(hidden_p) >= 2 else second_chunk
-        return [("_p1", 1, first_chunk, 0, 0, first_chunk, num_warps),
-                ("_p2", 2, gate_chunk, 1, 0, gate_chunk, num_warps)]
-    recompute_chunk = 16 if half else first_chunk
-    launches = [(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk,
-                 4 if half and stop > 1 else num_warps) for stop in range(len(hidden_p), 0, -1)]
-    return launches + [("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, num_warps),
-                       ("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, num_warps),
-                       ("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, num_warps)]
+        gate_chunk = min(dim_p, 32) if half and two_layers else second_chunk
+        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
+                _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None)]
+    recompute_chunk = 16 if half else min(dim_p, 32)
+    launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
+                                4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None)
+                for stop in range(len(hidden_p), 0, -1)]
+    return launches + [
+        _BackwardLaunch("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, h_chunk, num_warps, None),
+        _BackwardLaunch("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, second_h_chunk, num_warps, None),
+        _BackwardLaunch("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, second_h_chunk, num_warps, None)]
 
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -963,13 +1011,13 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     u = mlp.query_bias(query)
     w2, b2, w3, b3 = mlp.layer_pointers()
     constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-    block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype,
-                                                mlp.gate_bias)
+    launch = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype, mlp.gate_bias)
     _din_attention_fwd_kernel[(batch,)](
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
         mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), pooled, weights, logits, row_max, row_sum,
         mlp.dummy, mlp.dummy, mlp.dummy, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
-        float(softmax_scale), **constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=0, num_warps=num_warps)
+        float(softmax_scale), **constexprs, BLOCK_T=launch.block_t, BD=launch.chunk, STAT_LAYER=0,
+        num_warps=launch.num_warps, maxnreg=launch.maxnreg)
     return pooled, weights, row_max, row_sum
 
 
@@ -994,13 +1042,14 @@ def dice_layer_statistics(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedML
         u = mlp.query_bias(query)
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, "none", "dice", mask is not None, keys.dtype)
-        block_t, chunk, num_warps = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len,
-                                                    keys.dtype, mlp.gate_bias, statistics=True)
+        launch = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype, mlp.gate_bias,
+                                 statistics=True)
         _din_attention_fwd_kernel[(batch,)](
             query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
             mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
             mlp.dummy, counts, means, m2s, seq_len, query.stride(0), keys.stride(0), keys.stride(1), 1.0,
-            **constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=layer + 1, num_warps=num_warps)
+            **constexprs, BLOCK_T=launch.block_t, BD=launch.chunk, STAT_LAYER=layer + 1,
+            num_warps=launch.num_warps, maxnreg=launch.maxnreg)
     weight = counts.float()
     count = weight.sum()
     mean = (weight[:, None] * means).sum(0) / count.clamp(min=1)
@@ -1074,13 +1123,12 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
         u = mlp.query_bias(query)
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-        hidden_p = _padded_hidden(constexprs)
-        block_t, _, h_chunk, _ = _backward_config(constexprs["DP"], hidden_p, keys.dtype)
-        scratch = (torch.empty(num_programs, 2, block_t, constexprs["H1P"], dtype=torch.float32, device=device)
-                   if h_chunk < constexprs["H1P"] else mlp.dummy)
+        launches = _backward_launches(constexprs, dice_mode)
+        scratch = (torch.empty(num_programs, 2, _BACKWARD_BLOCK_T, constexprs["H1P"], dtype=torch.float32,
+                               device=device)
+                   if any(launch.h_chunk < constexprs["H1P"] for launch in launches) else mlp.dummy)
         count = dice_gate.count.clamp(min=1) if training else None
-        launches = _backward_launches(constexprs["DP"], hidden_p, keys.dtype, dice_mode)
-        for _, phase, chunk, mode, stop_layer, first_chunk, num_warps in launches:
+        for launch in launches:
             _din_attention_bwd_kernel[(num_programs,)](
                 query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
                 mlp.act_packed, span, _mask_bytes(mask, mlp.dummy),
@@ -1090,12 +1138,13 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
                 part_wo, part_bo, part_act, scratch, corr, part_gate,
                 batch, seq_len, query.stride(0), keys.stride(0), keys.stride(1), grad_keys.stride(0),
                 grad_keys.stride(1), float(softmax_scale), int(dice_gate is not None and dice_gate.keep_all),
-                **constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk, DICE_MODE=mode,
-                STOP_LAYER=stop_layer, BD_FIRST=first_chunk, num_warps=num_warps)
-            if phase == 0:
+                **constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase, HC=launch.h_chunk,
+                DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer, BD_FIRST=launch.first_chunk,
+                num_warps=launch.num_warps, maxnreg=launch.maxnreg)
+            if launch.phase == 0:
                 # Layer l's terms, for the passes after it: its sums needed those of every
                 # layer above it, which the passes before it had.
-                layer = stop_layer - 1
+                layer = launch.stop_layer - 1
                 s0, s1 = part_gate[:, layer].sum(0)
                 corr[layer, 0] = s0 / count
                 corr[layer, 1] = dice_gate.rstd[layer] ** 2 * s1 / count
@@ -1123,7 +1172,8 @@ _CANONICAL_HIDDEN = ((80, 40), (64, 16), (200,))
 _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
-def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int):
+def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int,
+          maxnreg: Optional[int]):
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -1134,7 +1184,8 @@ def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], cons
             signature[arg] = scalars[arg]
         else:
             signature[arg] = "*fp32"
-    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps}
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
+            "maxnreg": maxnreg}
 
 
 def _aot_specs() -> List[dict]:
@@ -1167,33 +1218,31 @@ def _aot_specs() -> List[dict]:
                             dice = act_code >= ACTIVATION_CODES["dice"]
                             stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
                             gate_bias = act_code == DICE_AFFINE_CODE
-                            seq_lens = {_forward_config(constexprs["DP"], hidden_p, t, dtype, gate_bias)[0]: t
+                            seq_lens = {_forward_config(constexprs["DP"], hidden_p, t, dtype, gate_bias).block_t: t
                                         for t in (1, 4096)}
                             for _, seq_len in sorted(seq_lens.items()):
                                 for stat_layer in (0, *stat_layers):
-                                    block_t, chunk, num_warps = _forward_config(
-                                        constexprs["DP"], hidden_p, seq_len, dtype, gate_bias,
-                                        statistics=stat_layer > 0)
+                                    launch = _forward_config(constexprs["DP"], hidden_p, seq_len, dtype, gate_bias,
+                                                             statistics=stat_layer > 0)
                                     stage = f"_stats{stat_layer}" if stat_layer else ""
                                     specs.append(_spec(
-                                        f"din_attention_fwd_{tag}{stage}_t{block_t}", _din_attention_fwd_kernel,
-                                        forward_pointers, forward_scalars,
-                                        dict(constexprs, BLOCK_T=block_t, BD=chunk, STAT_LAYER=stat_layer),
-                                        num_warps))
-                            block_t, _, h_chunk, _ = _backward_config(constexprs["DP"], hidden_p, dtype)
+                                        f"din_attention_fwd_{tag}{stage}_t{launch.block_t}",
+                                        _din_attention_fwd_kernel, forward_pointers, forward_scalars,
+                                        dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
+                                             STAT_LAYER=stat_layer),
+                                        launch.num_warps, launch.maxnreg))
                             # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
                             # statistics, every launch of DICE_MODE 2.
                             modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
                                      else (1, 2) if act_code == DICE_AFFINE_CODE else (0,))
-                            launches = [launch for mode in modes
-                                        for launch in _backward_launches(constexprs["DP"], hidden_p, dtype, mode)]
-                            for suffix, phase, chunk, dice_mode, stop_layer, first_chunk, num_warps in launches:
+                            for launch in [launch for mode in modes for launch in _backward_launches(constexprs, mode)]:
                                 specs.append(_spec(
-                                    f"din_attention_bwd_{tag}{suffix}", _din_attention_bwd_kernel,
+                                    f"din_attention_bwd_{tag}{launch.suffix}", _din_attention_bwd_kernel,
                                     backward_pointers, backward_scalars,
-                                    dict(constexprs, BLOCK_T=block_t, BD=chunk, PHASE=phase, HC=h_chunk,
-                                         DICE_MODE=dice_mode, STOP_LAYER=stop_layer, BD_FIRST=first_chunk),
-                                    num_warps))
+                                    dict(constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase,
+                                         HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
+                                         BD_FIRST=launch.first_chunk),
+                                    launch.num_warps, launch.maxnreg))
     return specs
 
 

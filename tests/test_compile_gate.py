@@ -108,6 +108,25 @@ def test_gate_detects_a_spilling_kernel(tmp_path):
     assert "SPILL" in result.stdout
 
 
+def test_gate_compiles_with_the_specs_register_limit(tmp_path):
+    # 1024-long vectors on one warp: 96 live floats per thread fit in 255 registers, not in 64.
+    kernel_file = tmp_path / "limited_kernels.py"
+    kernel_file.write_text(_SPILL_KERNELS + textwrap.dedent('''
+        AOT_SPECS = [dict(name=f"live_blocks_1024_maxnreg{limit}", fn=_live_blocks_kernel,
+                          signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "BLOCK": "constexpr"},
+                          constexprs={"BLOCK": 1024}, num_warps=1, maxnreg=limit)
+                     for limit in (None, 64)]
+    '''))
+    report_path = tmp_path / "gate.json"
+    result = _run_gate("--specs-file", str(kernel_file), "--cc", "90", "--json", str(report_path))
+    assert report_path.exists(), result.stdout + result.stderr[-4000:]
+    reports = {r["name"]: r for r in json.loads(report_path.read_text())}
+    unlimited, limited = reports["live_blocks_1024_maxnregNone"], reports["live_blocks_1024_maxnreg64"]
+    assert unlimited["error"] is None and limited["error"] is None
+    assert unlimited["registers"] > 64 and not unlimited["spill_stores"], unlimited
+    assert limited["registers"] <= 64 and limited["spill_stores"] > 0, limited
+
+
 def test_grouped_table_summarizes_each_kernel_per_compute_capability():
     pytest.importorskip("triton")
     from benchmarks.compile_gate import KernelReport, format_grouped_markdown
