@@ -878,17 +878,19 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
     sees exactly the forward's pre-activations. It keeps fewer tiles live than the forward, and
     left to itself ptxas lowers its register target for occupancy (64 to 168 registers) and
     spills values held across the tile loop: fp32 passes with H1 <= 128 run on 4 warps, 16-bit
-    passes with the register limit ``MAX_REGISTERS`` (the compile gate)."""
+    passes on 8 warps with the register limit ``MAX_REGISTERS`` (on 4 warps some hold more than
+    255 registers; the compile gate)."""
     wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
         block, chunk = 16, min(dim_p, 32)
     else:
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
-    if statistics and dtype == torch.float32 and hidden_p[0] <= 128:
+    if statistics and dtype != torch.float32:
+        return _ForwardLaunch(block, chunk, 8, MAX_REGISTERS)
+    if statistics and hidden_p[0] <= 128:
         return _ForwardLaunch(block, chunk, 4, None)
-    half_statistics = statistics and dtype != torch.float32
-    return _ForwardLaunch(block, chunk, 8 if wide else 4, MAX_REGISTERS if half_statistics else None)
+    return _ForwardLaunch(block, chunk, 8 if wide else 4, None)
 
 
 _BACKWARD_BLOCK_T = 16
@@ -912,10 +914,10 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       chunks with HC = 32, except sigmoid and ReLU on a padded D (D < DP, which spend registers
       on the column mask) on 32-wide chunks with HC = 16 (ReLU without normalization but with a
       mask excepted); phases 2 and 3 with HC = 32, except the affine gate's phase 2.
-    * 16-bit inputs spill in the summing passes above the first layer on 8 warps and in the
-      affine gate's phase 2 on 16-wide D chunks where a second layer follows; phase 3 spills
-      on 32-wide D chunks; summing passes set the register limit (ptxas otherwise lowers it
-      to 128 registers for occupancy and spills).
+    * 16-bit inputs: the summing passes set the register limit ``MAX_REGISTERS`` (ptxas
+      otherwise lowers it to 128 registers for occupancy and spills), and those above the first
+      layer run on 4 warps; the affine gate's phase 2 spills on 16-wide D chunks where a second
+      layer follows, and phase 3 on 32-wide D chunks.
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
