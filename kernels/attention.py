@@ -1175,7 +1175,7 @@ _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
 def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int,
-          maxnreg: Optional[int]):
+          maxnreg: Optional[int], group: str):
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -1187,7 +1187,13 @@ def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], cons
         else:
             signature[arg] = "*fp32"
     return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
-            "maxnreg": maxnreg}
+            "maxnreg": maxnreg, "group": group}
+
+
+def _pass_name(launch: _BackwardLaunch) -> str:
+    """``p1``, ``p2``, the affine gate's ``gate p2``, ``train p0s`` (every summing pass) or ``train p1..p3``."""
+    prefix = ("train " if launch.dice_mode == 2 else "gate " if launch.dice_mode == 1 and launch.phase == 2 else "")
+    return prefix + ("p0s" if launch.phase == 0 else f"p{launch.phase}")
 
 
 def _aot_specs() -> List[dict]:
@@ -1212,7 +1218,8 @@ def _aot_specs() -> List[dict]:
                                               NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
                                               IEEE=dtype == torch.float32)
                             hidden_p = _padded_hidden(constexprs)
-                            tag = (f"{str(dtype).split('.')[-1]}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
+                            dtype_name = str(dtype).split('.')[-1]
+                            tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
                                    f"{normalization}{'_mask' if has_mask else ''}")
                             # The forward's BLOCK_T shrinks for sequences shorter than its tile.
                             # Dice statistics passes: one per hidden layer (the normalization
@@ -1232,7 +1239,8 @@ def _aot_specs() -> List[dict]:
                                         _din_attention_fwd_kernel, forward_pointers, forward_scalars,
                                         dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
                                              STAT_LAYER=stat_layer),
-                                        launch.num_warps, launch.maxnreg))
+                                        launch.num_warps, launch.maxnreg,
+                                        f"fwd {dtype_name}{' statistics' if stat_layer else ''}"))
                             # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
                             # statistics, every launch of DICE_MODE 2.
                             modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
@@ -1244,7 +1252,7 @@ def _aot_specs() -> List[dict]:
                                     dict(constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase,
                                          HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
                                          BD_FIRST=launch.first_chunk),
-                                    launch.num_warps, launch.maxnreg))
+                                    launch.num_warps, launch.maxnreg, f"bwd {dtype_name} {_pass_name(launch)}"))
     return specs
 
 

@@ -141,3 +141,9 @@ def test_grouped_table_summarizes_each_kernel_per_compute_capability():
     rows = [line for line in format_grouped_markdown(reports, "cmd").splitlines() if line.startswith("| attention")]
     assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 |",
                     "| attention/_fwd | 90 | 3 | 200 | 250 | 16 | 8192 | 1 | 1 |"]
+    # A spec's group splits its kernel function's rows.
+    reports[1].group = "_fwd bf16"
+    rows = [line for line in format_grouped_markdown(reports, "cmd").splitlines() if line.startswith("| attention")]
+    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 |",
+                    "| attention/_fwd | 90 | 2 | 200 | 200 | 0 | 4096 | 0 | 1 |",
+                    "| attention/_fwd bf16 | 90 | 1 | 250 | 250 | 16 | 8192 | 1 | 0 |"]
