@@ -63,10 +63,9 @@ ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 # The kernels' code of Dice with the affine gate (its bias costs registers the plain gate keeps).
 DICE_AFFINE_CODE = 4
 NORMALIZATION_CODES = {"none": 0, "softmax": 1}
-# Register limit of the launches that keep few tiles live (16-bit Dice statistics and summing
-# passes): a 4- or 8-warp program may use 255 registers per thread, but left unset, ptxas lowers
-# its target on them for occupancy (64 to 168 registers) and spills values held across the tile
-# loop to reach it. Set everywhere, it makes the passes at the limit spill more, so it is not.
+# Register limit of the 16-bit Dice statistics and summing passes (left unset, ptxas lowers their
+# target for occupancy, to 64-168 registers, and spills values held across the tile loop; set on
+# every launch, it makes the passes at the 255-register limit spill more). 4 or 8 warps allow 255.
 MAX_REGISTERS = 255
 # Finite stand-in for -inf as the running max of an online softmax, so that a tile with no valid
 # position rescales by exp(0) = 1 instead of exp(-inf + inf) = NaN.
