@@ -912,7 +912,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       on one configuration or another whatever the choice; per pass: phase 1 on 16-wide D
       chunks with HC = 32, except sigmoid and ReLU on a padded D (D < DP, which spend registers
       on the column mask) on 32-wide chunks with HC = 16 (ReLU without normalization but with a
-      mask excepted); phases 2 and 3 with HC = 32, except the affine gate's phase 2.
+      mask excepted); phases 2 and 3 with HC = 32, except the affine gate's phase 2. With Dice's
+      batch statistics, fp32 at D > 64 with a second layer and H1 <= 64 takes phases 2 and 3 on
+      the whole H1 (HC = 32 spills one of them).
     * 16-bit inputs: the summing passes set the register limit ``MAX_REGISTERS`` (ptxas
       otherwise lowers it to 128 registers for occupancy and spills), and those above the first
       layer run on 4 warps; the affine gate's phase 2 spills on 16-wide D chunks where a second
@@ -942,6 +944,8 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
                 _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None)]
     recompute_chunk = 16 if half else min(dim_p, 32)
+    if two_layers and not narrow and hidden_p[0] <= 64:
+        second_h_chunk = hidden_p[0]
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
                                 4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None)
                 for stop in range(len(hidden_p), 0, -1)]

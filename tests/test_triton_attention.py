@@ -339,6 +339,13 @@ def test_dice_training_paper_shape_across_tiles(dice_stats):
                     lengths=torch.tensor([37, 20], device=DEVICE))
 
 
+def test_dice_training_wide_embedding_narrow_first_layer():
+    # fp32 with D > 64 and H1 <= 64: phases 2 and 3 take the whole first layer at once (HC = H1P)
+    # while the summing passes and phase 1 work in H1 chunks.
+    run_and_compare(2, 5, 72, (40, 12), activation="dice", normalization="softmax", training=True, affine=True,
+                    api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dice_training_half_precision(dtype):
     run_and_compare(3, 5, 18, (12, 8), activation="dice", normalization="softmax", dtype=dtype, training=True,
