@@ -63,9 +63,9 @@ ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 # The kernels' code of Dice with the affine gate (its bias costs registers the plain gate keeps).
 DICE_AFFINE_CODE = 4
 NORMALIZATION_CODES = {"none": 0, "softmax": 1}
-# Register limit of the 16-bit Dice statistics and summing passes (left unset, ptxas lowers their
-# target for occupancy, to 64-168 registers, and spills values held across the tile loop; set on
-# every launch, it makes the passes at the 255-register limit spill more). 4 or 8 warps allow 255.
+# Register limit of the 16-bit forwards and summing passes (left unset, ptxas lowers their target
+# for occupancy, to 64-168 registers, and spills values held across the tile loop; set on every
+# launch, it makes the fp32 passes at the 255-register limit spill more). 4 or 8 warps allow 255.
 MAX_REGISTERS = 255
 # Finite stand-in for -inf as the running max of an online softmax, so that a tile with no valid
 # position rescales by exp(0) = 1 instead of exp(-inf + inf) = NaN.
@@ -873,23 +873,21 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
     holding the fold, and so does the affine Dice gate (its bias vectors leave no room for the
     fold). A 4-warp program holding a D = 128 fold works on 16-row tiles (32 rows spill on sm_80).
 
-    A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that it
-    sees exactly the forward's pre-activations. It keeps fewer tiles live than the forward, and
-    left to itself ptxas lowers its register target for occupancy (64 to 168 registers) and
-    spills values held across the tile loop: fp32 passes with H1 <= 128 run on 4 warps, 16-bit
-    passes on 8 warps with the register limit ``MAX_REGISTERS`` (on 4 warps some hold more than
-    255 registers; the compile gate)."""
+    16-bit launches set the register limit ``MAX_REGISTERS``: left to itself, ptxas lowers their
+    register target for occupancy (64 to 168 registers) and spills values held across the tile
+    loop. A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that
+    it sees exactly the forward's pre-activations; it keeps fewer tiles live than the forward,
+    and fp32 passes with H1 <= 128 run on 4 warps (on 8, ptxas spills as above), 16-bit passes
+    on 8 (on 4 some hold more than 255 registers; the compile gate)."""
     wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
         block, chunk = 16, min(dim_p, 32)
     else:
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
-    if statistics and dtype != torch.float32:
-        return _ForwardLaunch(block, chunk, 8, MAX_REGISTERS)
-    if statistics and hidden_p[0] <= 128:
-        return _ForwardLaunch(block, chunk, 4, None)
-    return _ForwardLaunch(block, chunk, 8 if wide else 4, None)
+    if dtype != torch.float32:
+        return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, MAX_REGISTERS)
+    return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 else 8, None)
 
 
 _BACKWARD_BLOCK_T = 16
