@@ -915,8 +915,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       the whole H1 (HC = 32 spills one of them).
     * 16-bit inputs: the summing passes set the register limit ``MAX_REGISTERS`` (ptxas
       otherwise lowers it to 128 registers for occupancy and spills), and those above the first
-      layer run on 4 warps; the affine gate's phase 2 spills on 16-wide D chunks where a second
-      layer follows, and phase 3 on 32-wide D chunks.
+      layer run on 4 warps; with H1 <= 64 phase 1 takes HC = 32 (16 spills Dice with a mask);
+      the affine gate's phase 2 spills on 16-wide D chunks where a second layer follows, and
+      phase 3 on 32-wide D chunks.
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -926,6 +927,8 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     h_chunk = min(hidden_p[0], 16) if narrow else wide_h_chunk
     first_chunk, second_chunk, num_warps = min(dim_p, 32), 16, 8
     first_h_chunk = second_h_chunk = h_chunk
+    if narrow and half and hidden_p[0] <= 64:
+        first_h_chunk = wide_h_chunk
     if narrow and not half and hidden_p[0] >= 128:
         padded_pointwise = constexprs["D"] < dim_p and constexprs["ACT"] in (
             ACTIVATION_CODES["sigmoid"], ACTIVATION_CODES["relu"])
