@@ -886,7 +886,9 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
     if dtype != torch.float32:
-        return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, MAX_REGISTERS)
+        # Holding a [128, 256] fold the forward sits at the limit, where setting it spills.
+        at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256
+        return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, None if at_limit else MAX_REGISTERS)
     return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 else 8, None)
 
 
