@@ -176,9 +176,8 @@ def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile gate needs native Triton: run it in a process without TRITON_INTERPRET=1 "
                            "(python -m benchmarks.compile_gate removes it)")
-    kernel = _fn_name(spec["fn"])
     report = KernelReport(source=source, name=spec["name"], cc=cc, num_warps=int(spec["num_warps"]),
-                          kernel=kernel, group=spec.get("group") or kernel)
+                          kernel=_fn_name(spec["fn"]), group=spec.get("group", ""))
     start = time.perf_counter()
     try:
         compiled = triton.compile(

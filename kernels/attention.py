@@ -947,15 +947,14 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
                 _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None)]
     recompute_chunk = 16 if half else min(dim_p, 32)
-    if two_layers and not narrow and hidden_p[0] <= 64:
-        second_h_chunk = hidden_p[0]
+    late_h_chunk = hidden_p[0] if two_layers and not narrow and hidden_p[0] <= 64 else second_h_chunk
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
                                 4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None)
                 for stop in range(len(hidden_p), 0, -1)]
     return launches + [
         _BackwardLaunch("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, h_chunk, num_warps, None),
-        _BackwardLaunch("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, second_h_chunk, num_warps, None),
-        _BackwardLaunch("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, second_h_chunk, num_warps, None)]
+        _BackwardLaunch("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None),
+        _BackwardLaunch("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None)]
 
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
