@@ -12,7 +12,7 @@ with ``u_b`` ``[H1]`` and ``M_b`` ``[D, H1]`` built once per sample, so each beh
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,13 +184,13 @@ def _split_first_layer(weight: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor
     return w_query + w_diff, w_key - w_diff, w_prod
 
 
-def _folded_first_layer(query: Tensor, keys: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
-    """``h1 = u_b + k M_b``: query ``[B, D]``, keys ``[B, T, D]``, ``W1`` ``[H1, 4D]``, ``b1`` ``[H1]``
-    -> ``(h1 [B, T, H1], M [B, D, H1])``."""
+def _folded_first_layer(query: Tensor, keys: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``h1 = u_b + k M_b`` ``[B, T, H1]``: query ``[B, D]``, keys ``[B, T, D]``, ``W1`` ``[H1, 4D]``,
+    ``b1`` ``[H1]``."""
     w_u, w_k, w_p = _split_first_layer(weight, query.shape[-1])
     folded = w_k.t() + query[:, :, None] * w_p.t()
     # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
-    return torch.bmm(keys, folded).add_(F.linear(query, w_u, bias)[:, None, :]), folded
+    return torch.bmm(keys, folded).add_(F.linear(query, w_u, bias)[:, None, :])
 
 
 def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, softmax_scale: float) -> Tensor:
@@ -210,6 +210,48 @@ def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, soft
 # costs 2 * D * H1 per valid key against the fold's D * H1 per position.
 PACK_MAX_VALID_FRACTION = 0.75
 
+# Positions per block of the MLP. A block's layers (2.5 MiB at H = 80 in float32) stay in the
+# cache from one op to the next, and its buffers, far below glibc's 32 MiB mmap threshold, reuse
+# freed heap memory: a single [B * T, H] buffer is mapped afresh and page-faulted on every call.
+BLOCK_ROWS = 8192
+
+
+def _row_blocks(batch: int, seq_len: int, packed_rows: Optional[Tensor]) -> List[Tuple[int, int]]:
+    """``[start, end)`` ranges: of samples (``T`` positions each) with the fold, of packed rows
+    otherwise, each about ``BLOCK_ROWS`` positions."""
+    if packed_rows is None:
+        total, step = batch, max(1, BLOCK_ROWS // max(seq_len, 1))
+    else:
+        total, step = packed_rows.numel(), BLOCK_ROWS
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _mlp_backward(grad_scores: Tensor, hidden: Sequence[Tensor], pre_activations: Sequence[Tensor],
+                  weights: Sequence[Tensor], slopes: Sequence[Tensor], activation: str, grads_w: List[Tensor],
+                  grads_b: List[Tensor], grads_slope: List[Tensor]) -> Tensor:
+    """One block from the scores' gradient ``[R]`` to the first layer's pre-activation gradient
+    ``[R, H1]``; adds the block's share of every later layer's weight, bias and slope gradient
+    to ``grads_w[1:]``, ``grads_b[1:]``, ``grads_slope``."""
+    grad_scores = grad_scores[:, None]
+    grads_w[-1].add_(grad_scores.t() @ hidden[-1])
+    grads_b[-1].add_(grad_scores.sum(0))
+    grad_h = grad_scores * weights[-1]
+    for i in reversed(range(len(hidden))):
+        if activation == "sigmoid":
+            grad_h = torch.ops.aten.sigmoid_backward(grad_h, hidden[i])
+        elif activation == "relu":
+            grad_h = torch.ops.aten.threshold_backward(grad_h, hidden[i], 0)
+        else:
+            negative = pre_activations[i] < 0
+            slope_terms = torch.where(negative, grad_h * pre_activations[i], grad_h.new_zeros(()))
+            grads_slope[i].add_(slope_terms.sum(0) if slopes[i].numel() > 1 else slope_terms.sum().reshape(1))
+            grad_h = torch.where(negative, grad_h * slopes[i], grad_h)
+        if i:
+            grads_w[i].add_(grad_h.t() @ hidden[i - 1])
+            grads_b[i].add_(grad_h.sum(0))
+            grad_h = grad_h @ weights[i]
+    return grad_h
+
 
 class _PointwiseAttention(torch.autograd.Function):
     """Attention pooling for the pointwise activations (sigmoid, relu, prelu) with a
@@ -219,8 +261,9 @@ class _PointwiseAttention(torch.autograd.Function):
     layer keeps one ``[R, H]`` tensor instead of autograd's several. The MLP runs on ``R`` rows:
     all ``B * T`` positions, with the first layer folded per sample (``u_b + k M_b``), or, when
     few are valid, only the valid positions (packed), with the first layer as one product
-    ``[k, k * q_b] [Wk - Wd | Wp]^T + u_b``. Dice needs batch statistics and goes through
-    autograd instead.
+    ``[k, k * q_b] [Wk - Wd | Wp]^T + u_b``; in blocks of about ``BLOCK_ROWS`` rows, forward and
+    backward. Gradients summed over blocks accumulate in at least float32. Dice needs batch
+    statistics and goes through autograd instead.
     """
 
     @staticmethod
@@ -228,48 +271,60 @@ class _PointwiseAttention(torch.autograd.Function):
         """``packed_rows``: int64 ``[N]`` flat indices of the valid positions to pack, or None."""
         weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
         batch, seq_len, dim = keys.shape
+        w_u, w_k, w_p = _split_first_layer(weights[0], dim)
+        per_sample = F.linear(query, w_u, biases[0])
+        blocks = _row_blocks(batch, seq_len, packed_rows)
         if packed_rows is None:
-            h, first_layer_input = _folded_first_layer(query, keys, weights[0], biases[0])
-            h = h.view(batch * seq_len, -1)
+            scores = keys.new_empty(batch * seq_len)
         else:
-            w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-            per_sample = F.linear(query, w_u, biases[0])
-            sample = packed_rows // seq_len
-            key_rows = keys.reshape(-1, dim).index_select(0, packed_rows)
-            first_layer_input = torch.cat([key_rows, key_rows * query.index_select(0, sample)], dim=1)
-            h = torch.addmm(per_sample.index_select(0, sample), first_layer_input, torch.cat([w_k, w_p], 1).t())
-        hidden, pre_activations = [], []
-        for i in range(n_layers - 1):
-            if i:
-                h = torch.addmm(biases[i], h, weights[i].t())
-            if activation == "sigmoid":
-                h = h.sigmoid_()
-            elif activation == "relu":
-                h = h.relu_()
+            scores = keys.new_zeros(batch * seq_len)
+            key_rows_all, packed_weight = keys.reshape(-1, dim), torch.cat([w_k, w_p], 1).t()
+        saved = []
+        for start, end in blocks:
+            if packed_rows is None:
+                # M_b^T [n, H1, D]: built from the contiguous [H1, D] weights, and read in this
+                # layout by the backward's product, it is the faster of the two layouts.
+                folded_t = torch.addcmul(w_k, query[start:end, None, :], w_p)
+                h = torch.bmm(keys[start:end], folded_t.transpose(1, 2)).add_(per_sample[start:end, None, :])
+                h = h.view(-1, w_k.shape[0])
             else:
-                pre_activations.append(h)
-                h = torch.where(h >= 0, h, slopes[i] * h)
-            hidden.append(h)
-        scores = F.linear(h, weights[-1], biases[-1]).view(-1)
-        if packed_rows is not None:
-            scores = scores.new_zeros(batch * seq_len).index_copy_(0, packed_rows, scores)
+                rows = packed_rows[start:end]
+                sample = rows // seq_len
+                key_rows = key_rows_all.index_select(0, rows)
+                first_layer_input = torch.cat([key_rows, key_rows * query.index_select(0, sample)], dim=1)
+                h = torch.addmm(per_sample.index_select(0, sample), first_layer_input, packed_weight)
+                saved.append(first_layer_input)
+            hidden, pre_activations = [], []
+            for i in range(n_layers - 1):
+                if i:
+                    h = torch.addmm(biases[i], h, weights[i].t())
+                if activation == "sigmoid":
+                    h = h.sigmoid_()
+                elif activation == "relu":
+                    h = h.relu_()
+                else:
+                    pre_activations.append(h)
+                    h = torch.where(h >= 0, h, slopes[i] * h)
+                hidden.append(h)
+            block_scores = F.linear(h, weights[-1], biases[-1]).view(-1)
+            if packed_rows is None:
+                scores[start * seq_len:end * seq_len] = block_scores
+            else:
+                scores.index_copy_(0, rows, block_scores)
+            saved += hidden + pre_activations
         attn = _normalize(scores.view(batch, seq_len), valid, normalization, softmax_scale)
         values = keys if valid is None else torch.where(valid[..., None], keys, keys.new_zeros(()))
         pooled = torch.bmm(attn[:, None, :], values)[:, 0]
-        ctx.config = (activation, normalization, softmax_scale, n_layers)
-        ctx.save_for_backward(query, keys, valid, packed_rows, first_layer_input, attn, values, *hidden,
-                              *pre_activations, *params)
+        ctx.config = (activation, normalization, softmax_scale, n_layers, len(params), blocks)
+        ctx.save_for_backward(query, keys, valid, packed_rows, attn, values, *params, *saved)
         return pooled, attn
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pooled, grad_attn):
-        activation, normalization, softmax_scale, n_layers = ctx.config
-        query, keys, valid, packed_rows, first_layer_input, attn, values, *rest = ctx.saved_tensors
-        n_hidden = n_layers - 1
-        hidden = rest[:n_hidden]
-        pre_activations = rest[n_hidden:2 * n_hidden] if activation == "prelu" else ()
-        params = rest[len(hidden) + len(pre_activations):]
+        activation, normalization, softmax_scale, n_layers, n_params, blocks = ctx.config
+        query, keys, valid, packed_rows, attn, values, *rest = ctx.saved_tensors
+        params, saved = rest[:n_params], rest[n_params:]
         weights, biases, slopes = params[:n_layers], params[n_layers:2 * n_layers], params[2 * n_layers:]
         batch, seq_len, dim = keys.shape
 
@@ -284,58 +339,69 @@ class _PointwiseAttention(torch.autograd.Function):
             grad_scores = grad_weights_of_attn
         else:
             grad_scores = torch.where(valid, grad_weights_of_attn, grad_weights_of_attn.new_zeros(()))
-
         grad_scores = grad_scores.reshape(-1)
-        if packed_rows is not None:
-            grad_scores = grad_scores.index_select(0, packed_rows)
-        grad_scores = grad_scores[:, None]
-        grads_w, grads_b, grads_slope = [None] * n_layers, [None] * n_layers, [None] * len(slopes)
-        grads_w[-1] = grad_scores.t() @ hidden[-1]
-        grads_b[-1] = grad_scores.sum(0)
-        grad_h = grad_scores @ weights[-1]
-        for i in reversed(range(n_hidden)):
-            out = hidden[i]
-            if activation == "sigmoid":
-                grad_h = grad_h.mul_(out)
-                grad_h = grad_h.addcmul_(grad_h, out, value=-1)
-            elif activation == "relu":
-                grad_h = grad_h.masked_fill_(out <= 0, 0)
-            else:
-                negative = pre_activations[i] < 0
-                slope_terms = torch.where(negative, grad_h * pre_activations[i], grad_h.new_zeros(()))
-                grads_slope[i] = slope_terms.sum(0) if slopes[i].numel() > 1 else slope_terms.sum().reshape(1)
-                grad_h = torch.where(negative, grad_h * slopes[i], grad_h)
-            if i:
-                grads_w[i] = grad_h.t() @ hidden[i - 1]
-                grads_b[i] = grad_h.sum(0)
-                grad_h = grad_h @ weights[i]
 
+        # Sums over blocks in at least float32: a 16-bit running sum would round at every block.
+        acc_dtype = torch.promote_types(keys.dtype, torch.float32)
+        grads_w = [None] + [torch.zeros_like(w, dtype=acc_dtype) for w in weights[1:]]
+        grads_b = [None] + [torch.zeros_like(b, dtype=acc_dtype) for b in biases[1:]]
+        grads_slope = [torch.zeros_like(a, dtype=acc_dtype) for a in slopes]
+        grad_w_k = keys.new_zeros(dim, weights[0].shape[0], dtype=acc_dtype)   # [D, H1]
+        grad_w_p = torch.zeros_like(grad_w_k)
         w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-        grad_keys = attn[:, :, None] * grad_pooled[:, None, :]
         if packed_rows is None:
-            grad_h1 = grad_h.view(batch, seq_len, -1)
-            grad_per_sample = grad_h1.sum(1)
-            grad_folded = torch.bmm(keys.transpose(1, 2), grad_h1)
-            grad_keys = grad_keys.baddbmm_(grad_h1, first_layer_input.transpose(1, 2))
-            grad_query = (grad_folded * w_p.t()).sum(-1)
-            grad_w_k = grad_folded.sum(0).t()
-            # sum_b q[b, d] * grad_folded[b, d, :] as D products [1, B] x [B, H].
-            grad_w_p = (query.t()[:, None, :] @ grad_folded.transpose(0, 1))[:, 0].t()
+            w_p_t = w_p.t().contiguous()
+            grad_keys = keys.new_empty(keys.shape)
+            grad_query, grad_per_sample = query.new_empty(batch, dim), query.new_empty(batch, w_k.shape[0])
         else:
-            sample = packed_rows // seq_len
-            grad_per_sample = grad_h.new_zeros(batch, grad_h.shape[1]).index_add_(0, sample, grad_h)
-            grad_input = grad_h @ torch.cat([w_k, w_p], 1)
-            grad_w_k, grad_w_p = (grad_h.t() @ first_layer_input).split(dim, dim=1)
-            key_rows = first_layer_input[:, :dim]
-            grad_key_rows = grad_input[:, dim:].mul(query.index_select(0, sample)).add_(grad_input[:, :dim])
-            grad_keys = grad_keys.view(-1, dim).index_add_(0, packed_rows, grad_key_rows).view(batch, seq_len, dim)
-            grad_query = grad_h.new_zeros(batch, dim).index_add_(0, sample, grad_input[:, dim:] * key_rows)
+            grad_keys = attn[:, :, None] * grad_pooled[:, None, :]
+            grad_query, grad_per_sample = query.new_zeros(batch, dim), query.new_zeros(batch, w_k.shape[0])
+            packed_weight = torch.cat([w_k, w_p], 1)
+        per_block = len(saved) // max(len(blocks), 1)
+        for index, (start, end) in enumerate(blocks):
+            block = saved[index * per_block:(index + 1) * per_block]
+            if packed_rows is not None:
+                first_layer_input, block = block[0], block[1:]
+            hidden, pre_activations = block[:n_layers - 1], block[n_layers - 1:]
+            if packed_rows is None:
+                block_grad_scores = grad_scores[start * seq_len:end * seq_len]
+            else:
+                rows = packed_rows[start:end]
+                block_grad_scores = grad_scores.index_select(0, rows)
+            grad_h = _mlp_backward(block_grad_scores, hidden, pre_activations, weights, slopes, activation, grads_w,
+                                   grads_b, grads_slope)
+            if packed_rows is None:
+                block_query = query[start:end]
+                grad_h1 = grad_h.view(end - start, seq_len, -1)
+                torch.sum(grad_h1, 1, out=grad_per_sample[start:end])
+                grad_folded = torch.bmm(keys[start:end].transpose(1, 2), grad_h1)
+                folded_t = torch.addcmul(w_k, block_query[:, None, :], w_p)
+                torch.bmm(grad_h1, folded_t, out=grad_keys[start:end])
+                grad_keys[start:end].addcmul_(attn[start:end, :, None], grad_pooled[start:end, None, :])
+                torch.sum(grad_folded * w_p_t, -1, out=grad_query[start:end])
+                grad_w_k.add_(grad_folded.sum(0))
+                grad_w_p.add_((grad_folded * block_query[:, :, None]).sum(0))
+            else:
+                sample = rows // seq_len
+                grad_per_sample.index_add_(0, sample, grad_h)
+                grad_input = grad_h @ packed_weight
+                grad_w_kp = (first_layer_input.t() @ grad_h).split(dim)
+                grad_w_k.add_(grad_w_kp[0])
+                grad_w_p.add_(grad_w_kp[1])
+                key_rows = first_layer_input[:, :dim]
+                grad_key_rows = grad_input[:, dim:].mul(query.index_select(0, sample)).add_(grad_input[:, :dim])
+                grad_keys.view(-1, dim).index_add_(0, rows, grad_key_rows)
+                grad_query.index_add_(0, sample, grad_input[:, dim:] * key_rows)
         grads_b[0] = grad_per_sample.sum(0)
         grad_query = grad_query.addmm_(grad_per_sample, w_u)
         grad_w_u = grad_per_sample.t() @ query
+        grad_w_k, grad_w_p = grad_w_k.t().to(keys.dtype), grad_w_p.t().to(keys.dtype)
         # W1 = [Wq | Wk | Wd | Wp] enters as Wu = Wq + Wd and Wk' = Wk - Wd.
         grads_w[0] = torch.cat([grad_w_u, grad_w_k, grad_w_u - grad_w_k, grad_w_p], dim=1)
-        return (grad_query, grad_keys, None, None, None, None, None, None, *grads_w, *grads_b, *grads_slope)
+        return (grad_query, grad_keys, None, None, None, None, None, None,
+                grads_w[0], *(g.to(keys.dtype) for g in grads_w[1:]), grads_b[0],
+                *(g.to(keys.dtype) for g in grads_b[1:]),
+                *(g.to(keys.dtype) for g in grads_slope))
 
 
 def _mask_and_rows_to_pack(valid: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -371,7 +437,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
         mask, packed_rows = _mask_and_rows_to_pack(mask)
         return _PointwiseAttention.apply(query, keys, mask, packed_rows, activation, normalization, softmax_scale,
                                          len(weights), *weights, *biases, *slopes)
-    h1, _ = _folded_first_layer(query, keys, weights[0], biases[0])
+    h1 = _folded_first_layer(query, keys, weights[0], biases[0])
     dice_mask = mask if dice_stats == "valid" else None
     scores = _score_layers(h1, weights, biases, activation, act_params, dice_mask, training, momentum, eps,
                            process_group)

@@ -229,9 +229,12 @@ def test_functional_api_dispatches_to_torch_backend():
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu"])
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
-def test_packed_and_folded_first_layers_agree(monkeypatch, activation, normalization):
+@pytest.mark.parametrize("block_rows", [torch_ops.BLOCK_ROWS, 7, 13])
+def test_packed_and_folded_first_layers_agree(monkeypatch, activation, normalization, block_rows):
     """The same batch through the per-sample fold (nothing packed) and through the packed valid
-    positions, both against the float64 reference, outputs and every gradient."""
+    positions, both against the float64 reference, outputs and every gradient; in one block, and
+    in blocks of one sample or two (fold) and of 7 or 13 rows that split samples (packed)."""
+    monkeypatch.setattr(torch_ops, "BLOCK_ROWS", block_rows)
     shape = (5, 6, 18, (16, 8), [6, 0, 3, 1, 5])
     case = _attention_case(shape, activation, torch.float64)
     options = dict(lengths=case[5], activation=activation, normalization=normalization, softmax_scale=0.5)
