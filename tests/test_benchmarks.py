@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import roofline, run  # noqa: E402
 
 # The torch backend must beat the eager reference on attention pooling forward + backward
-# (B=1024, T=100, D=36, hidden (80, 40)). The target is 2x; the assertion uses a lower floor
+# (B=1024, T=100, D=36, hidden (80, 40)). The target is 3x; the assertion uses a lower floor
 # because this runs on small shared CI machines where a neighbour's load moves single timings.
-SPEEDUP_TARGET = 2.0
-SPEEDUP_FLOOR = 1.3
+SPEEDUP_TARGET = 3.0
+SPEEDUP_FLOOR = 2.0
 
 
 def test_attention_roofline_counts_the_folded_first_layer():
