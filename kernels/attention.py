@@ -865,8 +865,7 @@ class _BackwardLaunch(NamedTuple):
     maxnreg: Optional[int]
 
 
-def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: torch.dtype, gate_bias: bool = False,
-                    statistics: bool = False) -> _ForwardLaunch:
+def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statistics: bool = False) -> _ForwardLaunch:
     """Launch options of the forward: tiles large enough to feed ``tl.dot``, small enough that
     the ``[BLOCK_T, H]`` activations and the sample's ``[D, H1]`` fold stay in registers; 3xTF32
     dots (fp32) need about twice the registers, so fp32 works through D in chunks instead of
@@ -878,10 +877,17 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
     loop. A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that
     it sees exactly the forward's pre-activations; it keeps fewer tiles live than the forward,
     and fp32 passes with H1 <= 128 run on 4 warps (on 8, ptxas spills as above), 16-bit passes
-    on 8 (on 4 some hold more than 255 registers; the compile gate)."""
+    on 8 (on 4 some hold more than 255 registers; the compile gate). With three hidden layers
+    fp32 statistics passes run on 8 warps, and fp32 forwards of the pointwise activations at
+    DP <= 64 on 16-wide D chunks (32 spills on sm_90; Dice keeps 32, which its backward's
+    recomputing passes share)."""
+    dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
+    gate_bias = constexprs["ACT"] == DICE_AFFINE_CODE
+    three_layers = len(hidden_p) == 3
     wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
-        block, chunk = 16, min(dim_p, 32)
+        pointwise = constexprs["ACT"] < ACTIVATION_CODES["dice"]
+        block, chunk = 16, 16 if three_layers and pointwise and dim_p <= 64 else min(dim_p, 32)
     else:
         block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
@@ -889,7 +895,7 @@ def _forward_config(dim_p: int, hidden_p: Sequence[int], seq_len: int, dtype: to
         # Holding a [128, 256] fold the forward sits at the limit, where setting it spills.
         at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256
         return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, None if at_limit else MAX_REGISTERS)
-    return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 else 8, None)
+    return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 and not three_layers else 8, None)
 
 
 _BACKWARD_BLOCK_T = 16
@@ -901,9 +907,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     recomputing passes: PHASE 1 (keys, layers above the first), PHASE 2 (query and the first
     layer's weight sums, on narrower D chunks) and, with Dice's batch statistics, one summing
     pass per layer first (top down) and PHASE 3 (the keys); the affine gate on running
-    statistics sums the gate in phase 2. Every pass recomputes z1 with the same D chunks
-    (BD_FIRST: the forward's for fp32, where the forward works in chunks too; 16 for 16-bit
-    inputs, which need the registers).
+    statistics sums the gate in phase 2. Every pass recomputes z1 on BD_FIRST-wide D chunks:
+    Dice's training passes on the fp32 forward's (16 for 16-bit inputs, which need the
+    registers).
 
     The choices are the compile gate's, for the canonical shapes on sm_80 and sm_90:
 
@@ -920,6 +926,8 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       layer run on 4 warps; with H1 <= 64 phase 1 takes HC = 32 (16 spills Dice with a mask);
       the affine gate's phase 2 spills on 16-wide D chunks where a second layer follows, and
       phase 3 on 32-wide D chunks.
+    * fp32 with three hidden layers (hidden (80, 40, 20)): phase 1 and Dice's training phase 1
+      take HC = 32 (16 spills); on a padded D (D < DP), phase 2 takes 32-wide D and H1 chunks.
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -939,20 +947,25 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         if not padded_pointwise or relu_masked_sum:
             first_chunk, first_h_chunk = 16, wide_h_chunk
         second_h_chunk = wide_h_chunk
+    late_h_chunk = hidden_p[0] if two_layers and not narrow and hidden_p[0] <= 64 else second_h_chunk
+    train_h_chunk, p2_chunk = h_chunk, second_chunk
+    if len(hidden_p) == 3 and not half:
+        first_h_chunk = train_h_chunk = wide_h_chunk
+        if constexprs["D"] < dim_p:
+            p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
     if dice_mode == 0:
         return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
-                _BackwardLaunch("_p2", 2, second_chunk, 0, 0, second_chunk, second_h_chunk, num_warps, None)]
+                _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, p2_chunk, second_h_chunk, num_warps, None)]
     if dice_mode == 1:
         gate_chunk = min(dim_p, 32) if half and two_layers else second_chunk
         return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
                 _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None)]
     recompute_chunk = 16 if half else min(dim_p, 32)
-    late_h_chunk = hidden_p[0] if two_layers and not narrow and hidden_p[0] <= 64 else second_h_chunk
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
                                 4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None)
                 for stop in range(len(hidden_p), 0, -1)]
     return launches + [
-        _BackwardLaunch("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, h_chunk, num_warps, None),
+        _BackwardLaunch("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, train_h_chunk, num_warps, None),
         _BackwardLaunch("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None),
         _BackwardLaunch("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None)]
 
@@ -1018,7 +1031,7 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     u = mlp.query_bias(query)
     w2, b2, w3, b3 = mlp.layer_pointers()
     constexprs = _common_constexprs(mlp, normalization, activation, mask is not None, keys.dtype)
-    launch = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype, mlp.gate_bias)
+    launch = _forward_config(constexprs, seq_len, keys.dtype)
     _din_attention_fwd_kernel[(batch,)](
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
         mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), pooled, weights, logits, row_max, row_sum,
@@ -1049,8 +1062,7 @@ def dice_layer_statistics(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedML
         u = mlp.query_bias(query)
         w2, b2, w3, b3 = mlp.layer_pointers()
         constexprs = _common_constexprs(mlp, "none", "dice", mask is not None, keys.dtype)
-        launch = _forward_config(constexprs["DP"], _padded_hidden(constexprs), seq_len, keys.dtype, mlp.gate_bias,
-                                 statistics=True)
+        launch = _forward_config(constexprs, seq_len, keys.dtype, statistics=True)
         _din_attention_fwd_kernel[(batch,)](
             query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
             mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
@@ -1175,7 +1187,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
 
 _DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _CANONICAL_DIMS = (36, 64, 128)
-_CANONICAL_HIDDEN = ((80, 40), (64, 16), (200,))
+_CANONICAL_HIDDEN = ((80, 40), (64, 16), (80, 40, 20), (200,))
 _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
@@ -1222,7 +1234,6 @@ def _aot_specs() -> List[dict]:
                                               ACT=act_code,
                                               NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
                                               IEEE=dtype == torch.float32)
-                            hidden_p = _padded_hidden(constexprs)
                             dtype_name = str(dtype).split('.')[-1]
                             tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
                                    f"{normalization}{'_mask' if has_mask else ''}")
@@ -1231,13 +1242,10 @@ def _aot_specs() -> List[dict]:
                             # plays no part in them; the launcher passes "none").
                             dice = act_code >= ACTIVATION_CODES["dice"]
                             stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
-                            gate_bias = act_code == DICE_AFFINE_CODE
-                            seq_lens = {_forward_config(constexprs["DP"], hidden_p, t, dtype, gate_bias).block_t: t
-                                        for t in (1, 4096)}
+                            seq_lens = {_forward_config(constexprs, t, dtype).block_t: t for t in (1, 4096)}
                             for _, seq_len in sorted(seq_lens.items()):
                                 for stat_layer in (0, *stat_layers):
-                                    launch = _forward_config(constexprs["DP"], hidden_p, seq_len, dtype, gate_bias,
-                                                             statistics=stat_layer > 0)
+                                    launch = _forward_config(constexprs, seq_len, dtype, statistics=stat_layer > 0)
                                     stage = f"_stats{stat_layer}" if stat_layer else ""
                                     specs.append(_spec(
                                         f"din_attention_fwd_{tag}{stage}_t{launch.block_t}",

@@ -346,6 +346,14 @@ def test_dice_training_wide_embedding_narrow_first_layer():
                     api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
 
 
+@pytest.mark.parametrize("activation,training", [("sigmoid", False), ("dice", True)])
+def test_three_layers_in_first_layer_chunks(activation, training):
+    # fp32, three hidden layers, D < DP: the fold in 16-wide D chunks; phase 1 (and Dice's
+    # training phase 1) on 32-wide H1 chunks, phase 2 and the summing passes on 16-wide ones.
+    run_and_compare(3, 5, 18, (40, 12, 6), activation=activation, normalization="softmax", softmax_scale=0.5,
+                    training=training, api="triton_ops", lengths=torch.tensor([5, 0, 3], device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dice_training_half_precision(dtype):
     run_and_compare(3, 5, 18, (12, 8), activation="dice", normalization="softmax", dtype=dtype, training=True,
