@@ -878,9 +878,9 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     it sees exactly the forward's pre-activations; it keeps fewer tiles live than the forward,
     and fp32 passes with H1 <= 128 run on 4 warps (on 8, ptxas spills as above), 16-bit passes
     on 8 (on 4 some hold more than 255 registers; the compile gate). With three hidden layers
-    fp32 statistics passes run on 8 warps, and fp32 forwards of the pointwise activations at
-    DP <= 64 on 16-wide D chunks (32 spills on sm_90; Dice keeps 32, which its backward's
-    recomputing passes share)."""
+    16-bit forwards work on 16-row tiles (32 spill), fp32 statistics passes run on 8 warps, and
+    fp32 forwards of the pointwise activations at DP <= 64 on 16-wide D chunks (32 spills on
+    sm_90; Dice keeps 32, which its backward's recomputing passes share)."""
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     gate_bias = constexprs["ACT"] == DICE_AFFINE_CODE
     three_layers = len(hidden_p) == 3
@@ -889,7 +889,8 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
         pointwise = constexprs["ACT"] < ACTIVATION_CODES["dice"]
         block, chunk = 16, 16 if three_layers and pointwise and dim_p <= 64 else min(dim_p, 32)
     else:
-        block, chunk = (32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) else 16), dim_p
+        block = 32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) and not three_layers else 16
+        chunk = dim_p
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
     if dtype != torch.float32:
         # Holding a [128, 256] fold the forward sits at the limit, where setting it spills.
@@ -1235,6 +1236,7 @@ def _aot_specs() -> List[dict]:
                                               NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
                                               IEEE=dtype == torch.float32)
                             dtype_name = str(dtype).split('.')[-1]
+                            layers = ", 3 layers" if len(hidden) == 3 else ""
                             tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
                                    f"{normalization}{'_mask' if has_mask else ''}")
                             # The forward's BLOCK_T shrinks for sequences shorter than its tile.
@@ -1253,7 +1255,7 @@ def _aot_specs() -> List[dict]:
                                         dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
                                              STAT_LAYER=stat_layer),
                                         launch.num_warps, launch.maxnreg,
-                                        f"fwd {dtype_name}{' statistics' if stat_layer else ''}"))
+                                        f"fwd {dtype_name}{' statistics' if stat_layer else ''}{layers}"))
                             # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
                             # statistics, every launch of DICE_MODE 2.
                             modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
@@ -1265,7 +1267,8 @@ def _aot_specs() -> List[dict]:
                                     dict(constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase,
                                          HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
                                          BD_FIRST=launch.first_chunk),
-                                    launch.num_warps, launch.maxnreg, f"bwd {dtype_name} {_pass_name(launch)}"))
+                                    launch.num_warps, launch.maxnreg,
+                                    f"bwd {dtype_name} {_pass_name(launch)}{layers}"))
     return specs
 
 
