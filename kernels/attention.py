@@ -927,8 +927,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       layer run on 4 warps; with H1 <= 64 phase 1 takes HC = 32 (16 spills Dice with a mask);
       the affine gate's phase 2 spills on 16-wide D chunks where a second layer follows, and
       phase 3 on 32-wide D chunks.
-    * fp32 with three hidden layers (hidden (80, 40, 20)): phase 1 and Dice's training phase 1
-      take HC = 32 (16 spills); on a padded D (D < DP), phase 2 takes 32-wide D and H1 chunks.
+    * three hidden layers (hidden (80, 40, 20)): phase 1 takes HC = 32 (16 spills) in fp32 and
+      in 16-bit at D > 64, and so does Dice's fp32 training phase 1; phase 2 takes 32-wide D
+      and H1 chunks in 16-bit and in fp32 on a padded D (D < DP).
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -950,9 +951,12 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         second_h_chunk = wide_h_chunk
     late_h_chunk = hidden_p[0] if two_layers and not narrow and hidden_p[0] <= 64 else second_h_chunk
     train_h_chunk, p2_chunk = h_chunk, second_chunk
-    if len(hidden_p) == 3 and not half:
-        first_h_chunk = train_h_chunk = wide_h_chunk
-        if constexprs["D"] < dim_p:
+    if len(hidden_p) == 3:
+        if not half:
+            first_h_chunk = train_h_chunk = wide_h_chunk
+        elif dim_p > 64:
+            first_h_chunk = wide_h_chunk
+        if half or constexprs["D"] < dim_p:
             p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
     if dice_mode == 0:
         return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
