@@ -184,13 +184,20 @@ def _split_first_layer(weight: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor
     return w_query + w_diff, w_key - w_diff, w_prod
 
 
+def _transposed_fold(query: Tensor, w_k: Tensor, w_p: Tensor) -> Tensor:
+    """``M_b^T = (Wk - Wd) + Wp diag(q_b)`` ``[B, H1, D]`` from query ``[B, D]`` and the ``[H1, D]``
+    weights: built from the contiguous weights, and the faster layout for both ``k M_b`` and the
+    backward's ``G M_b^T``."""
+    return torch.addcmul(w_k, query[:, None, :], w_p)
+
+
 def _folded_first_layer(query: Tensor, keys: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``h1 = u_b + k M_b`` ``[B, T, H1]``: query ``[B, D]``, keys ``[B, T, D]``, ``W1`` ``[H1, 4D]``,
     ``b1`` ``[H1]``."""
     w_u, w_k, w_p = _split_first_layer(weight, query.shape[-1])
-    folded = w_k.t() + query[:, :, None] * w_p.t()
     # bmm then a broadcast add_: baddbmm would first copy the broadcast bias per sample.
-    return torch.bmm(keys, folded).add_(F.linear(query, w_u, bias)[:, None, :])
+    return torch.bmm(keys, _transposed_fold(query, w_k, w_p).transpose(1, 2)).add_(
+        F.linear(query, w_u, bias)[:, None, :])
 
 
 def _normalize(scores: Tensor, valid: Optional[Tensor], normalization: str, softmax_scale: float) -> Tensor:
@@ -283,9 +290,7 @@ class _PointwiseAttention(torch.autograd.Function):
         saved = []
         for start, end in blocks:
             if packed_rows is None:
-                # M_b^T [n, H1, D]: built from the contiguous [H1, D] weights, and read in this
-                # layout by the backward's product, it is the faster of the two layouts.
-                folded_t = torch.addcmul(w_k, query[start:end, None, :], w_p)
+                folded_t = _transposed_fold(query[start:end], w_k, w_p)
                 h = torch.bmm(keys[start:end], folded_t.transpose(1, 2)).add_(per_sample[start:end, None, :])
                 h = h.view(-1, w_k.shape[0])
             else:
@@ -376,7 +381,7 @@ class _PointwiseAttention(torch.autograd.Function):
                 grad_h1 = grad_h.view(end - start, seq_len, -1)
                 torch.sum(grad_h1, 1, out=grad_per_sample[start:end])
                 grad_folded = torch.bmm(keys[start:end].transpose(1, 2), grad_h1)
-                folded_t = torch.addcmul(w_k, block_query[:, None, :], w_p)
+                folded_t = _transposed_fold(block_query, w_k, w_p)
                 torch.bmm(grad_h1, folded_t, out=grad_keys[start:end])
                 grad_keys[start:end].addcmul_(attn[start:end, :, None], grad_pooled[start:end, None, :])
                 torch.sum(grad_folded * w_p_t, -1, out=grad_query[start:end])
