@@ -2,7 +2,8 @@
 
 Each ``kernels/<op>.py`` (dice, attention, mba) exposes ``AOT_SPECS``: a list of
 ``{"name", "fn", "signature", "constexprs", "num_warps"}`` (optionally ``"maxnreg"``, where the
-launcher sets a register limit, and ``"group"``, the row of the grouped table it belongs to;
+launcher sets a register limit, ``"num_stages"``, where it sets the software-pipelining depth, and
+``"group"``, the row of the grouped table it belongs to;
 default: its kernel function) covering every configuration its host launchers can choose. This
 module compiles each entry for sm_80 and sm_90 with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and reads the resulting
@@ -60,6 +61,7 @@ class KernelReport:
     cc: int
     num_warps: int
     kernel: str = ""
+    num_stages: Optional[int] = None
     group: str = ""
     registers: Optional[int] = None
     stack_bytes: Optional[int] = None
@@ -162,8 +164,9 @@ def cubin_resources(cubin: bytes) -> Dict[str, int]:
 
 def _compile_options(spec: dict) -> dict:
     options = {"num_warps": int(spec["num_warps"])}
-    if spec.get("maxnreg") is not None:
-        options["maxnreg"] = int(spec["maxnreg"])
+    for option in ("maxnreg", "num_stages"):
+        if spec.get(option) is not None:
+            options[option] = int(spec[option])
     return options
 
 
@@ -189,6 +192,7 @@ def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
         report.compile_s = time.perf_counter() - start
         return report
     report.compile_s = time.perf_counter() - start
+    report.num_stages = compiled.metadata.num_stages
     report.registers = resources["registers"]
     report.stack_bytes = resources["stack_bytes"]
     report.spill_stores = resources["spill_stores"]

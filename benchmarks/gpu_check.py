@@ -1,7 +1,7 @@
 """One command for a lent GPU: native kernel tests, full-size checks against float64, benchmarks.
 
 ``PYTHONPATH=. python -m benchmarks.gpu_check --out $OUT`` runs from the source tree with no
-network, in four stages, and writes everything flat under ``--out`` (8 files):
+network, in four stages, and writes everything flat under ``--out`` (9 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
    natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
@@ -17,6 +17,11 @@ network, in four stages, and writes everything flat under ``--out`` (8 files):
 4. ``deepctr.jsonl``: DeepCTR-Torch's DIN training throughput before and after
    ``din_fast.integrations.deepctr_torch.patch`` (``benchmarks.deepctr``), when deepctr-torch
    imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.
+5. ``specialization.jsonl``: the attention kernels as shipped (no argument specialized, the
+   variant the compile gate compiles) against Triton's default specialization (16-byte-aligned
+   pointers, scalars divisible by 16 or equal to 1), side by side at B=4096 T=100 D=36,
+   forward+backward, float32 and bfloat16, with the registers and spills of every compiled
+   variant: whether alignment is worth gating a second variant for.
 
 ``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
 The exit status is non-zero when a test or a check failed.
@@ -325,13 +330,88 @@ def run_deepctr(out: Path, device: str, dry_run: bool) -> Optional[List[dict]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage 5: the shipped (unspecialized) attention kernels against Triton's default specialization
+# ----------------------------------------------------------------------------------------------
+
+
+def _compiled_resources(kernel) -> List[dict]:
+    """Registers and spills of every variant ``kernel`` (a ``JITFunction``) compiled so far;
+    empty under the interpreter. Triton's cache layout varies between versions, so this reads
+    it defensively."""
+    found = []
+    for cache in getattr(kernel, "device_caches", {}).values():
+        cache = cache[0] if isinstance(cache, tuple) else cache
+        for compiled in getattr(cache, "values", lambda: [])():
+            try:
+                compiled._init_handles()
+                found.append(dict(registers=compiled.n_regs, spills=compiled.n_spills,
+                                  num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages))
+            except Exception as err:  # a report, not a check: keep the timings
+                found.append(dict(error=f"{type(err).__name__}: {err}"))
+    return found
+
+
+def compare_specialization(out: Path, device: str, dry_run: bool) -> List[dict]:
+    import torch
+    import triton
+    from din_fast.kernels import attention as kernels
+    from .run import cpu_time_interleaved, cuda_time, make_attention_case
+
+    shipped = {"_din_attention_fwd_kernel": kernels._din_attention_fwd_kernel,
+               "_din_attention_bwd_kernel": kernels._din_attention_bwd_kernel}
+    specialized = {name: triton.jit(kernel.fn) for name, kernel in shipped.items()}
+    shape = dict(B=4, T=9, D=36) if dry_run else dict(B=4096, T=100, D=36)
+    dtypes = (torch.float32,) if dry_run else (torch.float32, torch.bfloat16)
+
+    def use(variant):
+        for name, kernel in variant.items():
+            setattr(kernels, name, kernel)
+
+    rows = []
+    try:
+        for dtype in dtypes:
+            case = make_attention_case(shape, dtype, device, "forward+backward", "triton", {})
+            times, results = {}, {}
+            for label, variant in (("shipped", shipped), ("specialized", specialized)) * (1 if dry_run else 2):
+                use(variant)
+                results[label] = case.run()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    median = cuda_time(case.run)[0]
+                else:
+                    median = cpu_time_interleaved([case.run], budget_s=0.0, min_repeats=1)[0][0]
+                times.setdefault(label, []).append(median)
+            row = dict(shape, dtype=str(dtype).split(".")[-1], mode="forward+backward",
+                       shipped_ms=min(times["shipped"]), specialized_ms=min(times["specialized"]))
+            row["speedup_of_specialized"] = row["shipped_ms"] / row["specialized_ms"]
+            # Same kernels on the same inputs: only the compiled code differs, so the outputs
+            # and gradients should agree to rounding.
+            row["max_rel_err"] = max(rel_err(a, b) for a, b in zip(results["specialized"], results["shipped"]))
+            rows.append(row)
+    finally:
+        use(shipped)
+    resources = {label: {name: _compiled_resources(kernel) for name, kernel in variant.items()}
+                 for label, variant in (("shipped", shipped), ("specialized", specialized))}
+    with (out / "specialization.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+        handle.write(json.dumps(dict(resources=resources)) + "\n")
+    return rows
+
+
+def format_specialization(rows: Sequence[dict]) -> str:
+    return "\n".join(f"{r['dtype']:9s} B={r['B']} T={r['T']} D={r['D']} {r['mode']}: shipped {r['shipped_ms']:.3f} ms, "
+                     f"specialized {r['specialized_ms']:.3f} ms ({r['speedup_of_specialized']:.2f}x)" for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for the result files (flat)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench,deepctr")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench,deepctr,specialization")
     parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds for the pytest stage")
     parser.add_argument("--bench-budget", type=float, default=330.0, help="seconds for the benchmark stage")
     args = parser.parse_args(argv)
@@ -389,6 +469,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         deepctr_rows = run_deepctr(out, device, args.dry_run)
         sections.append("DeepCTR-Torch DIN training throughput:\n" + format_deepctr(deepctr_rows) if deepctr_rows
                         else "DeepCTR-Torch DIN: skipped (deepctr-torch does not import)")
+        print(sections[-1], flush=True)
+
+    if "specialization" not in skip:
+        print("== stage 5: attention kernels, shipped against Triton's default specialization", flush=True)
+        sections.append("attention forward+backward, median ms:\n"
+                        + format_specialization(compare_specialization(out, device, args.dry_run)))
         print(sections[-1], flush=True)
 
     summary = "\n\n".join(sections)

@@ -44,9 +44,8 @@ input)``, ``S0 = sum s`` and ``S1 = sum s (z - mean)`` over all positions::
 and S0, S1 of layer l depend on these terms of every layer above it. The backward therefore runs
 one summing pass per Dice layer, top down (``PHASE = 0``, ``STOP_LAYER = l``: it recomputes the
 MLP and back-propagates down to layer l only, with the terms of the layers above), then its
-ordinary passes with every term, the keys' gradient in a third one (``PHASE = 3``: the terms
-leave phase 1 no registers for it). The affine gate's gradients are ``dweight = rstd S1`` and
-``dbias = S0`` (with running statistics the ordinary phase 2 sums them).
+ordinary passes with every term, the keys' gradient in a third one (``PHASE = 3``: the terms leave
+phase 1 no registers for it). Affine gate: ``dweight = rstd S1``, ``dbias = S0`` (running statistics: phase 2).
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast.kernels._jit import jit_unspecialized
 from din_fast.kernels.dice import _merge_moments
 
 ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
@@ -345,7 +345,7 @@ def _valid_rows(mask_ptr, sample, offs_t, span, T, HAS_MASK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit_unspecialized
 def _din_attention_fwd_kernel(
         query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr,
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr, act_ptr,
@@ -497,7 +497,7 @@ def _din_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit_unspecialized
 def _din_attention_bwd_kernel(
         query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr,
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr, act_ptr,
@@ -863,6 +863,7 @@ class _BackwardLaunch(NamedTuple):
     h_chunk: int               # HC
     num_warps: int
     maxnreg: Optional[int]
+    num_stages: int            # software-pipelining depth of the inner loops
 
 
 def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statistics: bool = False) -> _ForwardLaunch:
@@ -900,6 +901,10 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
 
 
 _BACKWARD_BLOCK_T = 16
+# Pipelining depth of the backward's inner loops: Triton's default, and a shallower one where
+# the default spills (see _backward_launches).
+_DEFAULT_STAGES = 3
+_SHALLOW_STAGES = 2
 
 
 def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch]:
@@ -929,7 +934,11 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       phase 3 on 32-wide D chunks.
     * three hidden layers (hidden (80, 40, 20)): phase 1 takes HC = 32 (16 spills) in fp32 and
       in 16-bit at D > 64, and so does Dice's fp32 training phase 1; phase 2 takes 32-wide D
-      and H1 chunks in 16-bit and in fp32 on a padded D (D < DP).
+      and H1 chunks in 16-bit and in fp32 on a padded D (D < DP). In 16-bit, Dice's training
+      passes and PReLU's phase 1 at D > 64 pipeline their inner loops 2 stages deep: at
+      Triton's default of 3 four such configurations spill on sm_90, and no choice of chunks
+      fixed them. Not the other passes: at the 255-register limit, depth 2 spills 14 of the
+      1,056 16-bit three-layer backward compiles, depth 1 more.
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -951,7 +960,12 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         second_h_chunk = wide_h_chunk
     late_h_chunk = hidden_p[0] if two_layers and not narrow and hidden_p[0] <= 64 else second_h_chunk
     train_h_chunk, p2_chunk = h_chunk, second_chunk
+    first_stages = train_stages = _DEFAULT_STAGES
     if len(hidden_p) == 3:
+        if half:
+            train_stages = _SHALLOW_STAGES
+            if dim_p > 64 and constexprs["ACT"] == ACTIVATION_CODES["prelu"]:
+                first_stages = _SHALLOW_STAGES
         if not half:
             first_h_chunk = train_h_chunk = wide_h_chunk
         elif dim_p > 64:
@@ -959,20 +973,22 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         if half or constexprs["D"] < dim_p:
             p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
     if dice_mode == 0:
-        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
-                _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, p2_chunk, second_h_chunk, num_warps, None)]
+        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None,
+                                first_stages),
+                _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, p2_chunk, second_h_chunk, num_warps, None, _DEFAULT_STAGES)]
     if dice_mode == 1:
         gate_chunk = min(dim_p, 32) if half and two_layers else second_chunk
-        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None),
-                _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None)]
+        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None,
+                                _DEFAULT_STAGES),
+                _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None, _DEFAULT_STAGES)]
     recompute_chunk = 16 if half else min(dim_p, 32)
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
-                                4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None)
+                                4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None, train_stages)
                 for stop in range(len(hidden_p), 0, -1)]
     return launches + [
-        _BackwardLaunch("_train_p1", 1, recompute_chunk, 2, 0, recompute_chunk, train_h_chunk, num_warps, None),
-        _BackwardLaunch("_train_p2", 2, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None),
-        _BackwardLaunch("_train_p3", 3, second_chunk, 2, 0, recompute_chunk, late_h_chunk, num_warps, None)]
+        _BackwardLaunch(f"_train_p{phase}", phase, chunk, 2, 0, recompute_chunk, h, num_warps, None, train_stages)
+        for phase, chunk, h in ((1, recompute_chunk, train_h_chunk), (2, second_chunk, late_h_chunk),
+                                (3, second_chunk, late_h_chunk))]
 
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -1164,7 +1180,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
                 grad_keys.stride(1), float(softmax_scale), int(dice_gate is not None and dice_gate.keep_all),
                 **constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase, HC=launch.h_chunk,
                 DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer, BD_FIRST=launch.first_chunk,
-                num_warps=launch.num_warps, maxnreg=launch.maxnreg)
+                num_warps=launch.num_warps, maxnreg=launch.maxnreg, num_stages=launch.num_stages)
             if launch.phase == 0:
                 # Layer l's terms, for the passes after it: its sums needed those of every
                 # layer above it, which the passes before it had.
@@ -1197,7 +1213,7 @@ _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
 def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], constexprs: dict, num_warps: int,
-          maxnreg: Optional[int], group: str):
+          maxnreg: Optional[int], group: str, num_stages: Optional[int] = None):
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -1209,7 +1225,7 @@ def _spec(name, fn, pointer_types: Dict[str, str], scalars: Dict[str, str], cons
         else:
             signature[arg] = "*fp32"
     return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
-            "maxnreg": maxnreg, "group": group}
+            "maxnreg": maxnreg, "group": group, **({} if num_stages is None else {"num_stages": num_stages})}
 
 
 def _pass_name(launch: _BackwardLaunch) -> str:
@@ -1272,7 +1288,7 @@ def _aot_specs() -> List[dict]:
                                          HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
                                          BD_FIRST=launch.first_chunk),
                                     launch.num_warps, launch.maxnreg,
-                                    f"bwd {dtype_name} {_pass_name(launch)}{layers}"))
+                                    f"bwd {dtype_name} {_pass_name(launch)}{layers}", launch.num_stages))
     return specs
 
 

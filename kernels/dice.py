@@ -20,14 +20,12 @@ batch statistics (``n`` of them):
   all positions, so that ``S1 = weight * dbias`` and ``S2 = weight * dweight``: the kernels sum
   ``g_z`` and ``g_z * xhat`` and scale by weight. Inference drops the correction.
 
-Two paths: when ``M`` is small, one program per channel block holds every row on chip and does
-the whole op in one launch (one read of ``x``); otherwise a statistics (or gradient-reduction)
-pass over a grid of row chunks x channel blocks writes fp32 partials, a small combine kernel
-reduces them, and an elementwise pass applies. Inputs are upcast to fp32 right after loading;
-outputs are stored in the input dtype. Offsets are int64 on the multi-pass path.
-
-Launchers take fp32 contiguous ``alpha``/``weight``/``bias``/statistics and a ``uint8`` mask
-view; the autograd layer (``din_fast.triton_ops.dice``) prepares those.
+Two paths: when ``M`` is small, one program per channel block holds every row on chip and does the
+whole op in one launch (one read of ``x``); otherwise a statistics (or gradient-reduction) pass over
+a grid of row chunks x channel blocks writes fp32 partials, a small combine kernel reduces them, and
+an elementwise pass applies. Inputs are upcast to fp32 on loading, outputs stored in the input dtype;
+offsets are int64 on the multi-pass path. Launchers take fp32 contiguous ``alpha``/``weight``/``bias``/
+statistics and a ``uint8`` mask view, which the autograd layer (``din_fast.triton_ops.dice``) prepares.
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from din_fast.kernels._jit import jit_unspecialized
 
 Tensor = torch.Tensor
 
@@ -180,7 +180,7 @@ def _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M: tl.constexpr, BLOCK_C: tl.conste
     return rows, cols, row_ok, col_ok, tile_ok, offs, x
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, var_ptr,
                                   count_ptr, run_mean_ptr, run_var_ptr, M, C, momentum, eps, HAS_MASK: tl.constexpr,
                                   AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -200,7 +200,7 @@ def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_p
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_forward_stats_kernel(x_ptr, mask_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, M, C, tiles_per_chunk,
                                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-chunk moments: partials [num_chunks, C] (fp32 mean, m2) and [num_chunks] int32 counts.
@@ -227,7 +227,7 @@ def _dice_forward_stats_kernel(x_ptr, mask_ptr, part_mean_ptr, part_m2_ptr, part
     tl.store(part_count_ptr + pid_m, count, mask=pid_c == 0)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_forward_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr, count_ptr,
                                  run_mean_ptr, run_var_ptr, C, num_chunks, momentum, BLOCK_K: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
@@ -262,7 +262,7 @@ def _dice_forward_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, mea
                          run_var_ptr, momentum)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_forward_apply_kernel(x_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, y_ptr, M, C, tiles_per_chunk,
                                eps, AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Elementwise ``y`` from per-channel fp32 mean and var (batch or running).
@@ -291,7 +291,7 @@ def _dice_forward_apply_kernel(x_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr,
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
                                    count_ptr, dx_ptr, dalpha_ptr, dweight_ptr, dbias_ptr, M, C, eps,
                                    HAS_MASK: tl.constexpr, TRAINING: tl.constexpr, AFFINE: tl.constexpr,
@@ -329,7 +329,7 @@ def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr
         tl.store(dbias_ptr + cols, sum_gate, mask=col_ok)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_backward_reduce_kernel(x_ptr, g_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, part_gate_ptr,
                                  part_gate_xhat_ptr, part_dalpha_ptr, M, C, tiles_per_chunk, eps, AFFINE: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -365,7 +365,7 @@ def _dice_backward_reduce_kernel(x_ptr, g_ptr, alpha_ptr, weight_ptr, bias_ptr, 
     tl.store(part_dalpha_ptr + part, sum_dalpha, mask=col_ok)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_backward_combine_kernel(part_gate_ptr, part_gate_xhat_ptr, part_dalpha_ptr, count_ptr, weight_ptr,
                                   coef_mean_ptr, coef_var_ptr, dalpha_ptr, dweight_ptr, dbias_ptr, C, num_chunks,
                                   TRAINING: tl.constexpr, AFFINE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -398,7 +398,7 @@ def _dice_backward_combine_kernel(part_gate_ptr, part_gate_xhat_ptr, part_dalpha
         tl.store(coef_var_ptr + cols, _gate_to_xhat(sum_gate_xhat, weight, AFFINE) * inv_count, mask=col_ok)
 
 
-@triton.jit
+@jit_unspecialized
 def _dice_backward_apply_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
                                 coef_mean_ptr, coef_var_ptr, dx_ptr, part_dalpha_ptr, part_gate_ptr,
                                 part_gate_xhat_ptr, M, C, tiles_per_chunk, eps, HAS_MASK: tl.constexpr,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast.kernels._jit import jit_unspecialized
+
 # Elements of a [rows, D] tile held by one program of the row-parallel kernels (half for
 # float64, whose values take two registers each; a full tile spills on sm_90).
 _TILE_ELEMENTS = 1024
@@ -40,7 +42,7 @@ _SEGMENT_ROWS_PER_PROGRAM = 4
 _NUM_WARPS = 4
 
 
-@triton.jit
+@jit_unspecialized
 def _mba_penalty_forward_kernel(weight_ptr, rows_ptr, row_counts_ptr, out_ptr, num_rows, dim, stride_weight,
                                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
     pid = tl.program_id(0)
@@ -72,7 +74,7 @@ def _batch_row_tile(rows_ptr, row_counts_ptr, num_rows, dim, BLOCK_ROWS: tl.cons
     return rows, n, cols, row_mask[:, None] & (cols[None, :] < dim)
 
 
-@triton.jit
+@jit_unspecialized
 def _mba_penalty_backward_kernel(weight_ptr, rows_ptr, row_counts_ptr, coef_ptr, grad_weight_ptr, num_rows, dim,
                                  stride_weight, stride_grad, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                                  ACC_DTYPE: tl.constexpr):
@@ -84,7 +86,7 @@ def _mba_penalty_backward_kernel(weight_ptr, rows_ptr, row_counts_ptr, coef_ptr,
              grad.to(grad_weight_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit_unspecialized
 def _mba_sgd_dense_kernel(weight_ptr, grad_ptr, rows_ptr, row_counts_ptr, num_rows, dim, stride_weight, stride_grad,
                           lam_hi, lam_lo, lr_hi, lr_lo, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                           ACC_DTYPE: tl.constexpr):
@@ -98,7 +100,7 @@ def _mba_sgd_dense_kernel(weight_ptr, grad_ptr, rows_ptr, row_counts_ptr, num_ro
     tl.store(w_ptrs, w.to(weight_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit_unspecialized
 def _mba_sgd_segment_kernel(weight_ptr, grad_rows_ptr, order_ptr, seg_start_ptr, seg_end_ptr, rows_ptr,
                             row_counts_ptr, num_rows, dim, stride_weight, stride_grad_rows, lam_hi, lam_lo, lr_hi,
                             lr_lo, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,

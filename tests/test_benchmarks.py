@@ -140,7 +140,7 @@ def test_gpu_check_dry_run(tmp_path):
     print(f"dry run took {time.perf_counter() - start:.1f} s")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert all(p.is_file() for p in tmp_path.iterdir()) and len(files) <= 8, files
+    assert all(p.is_file() for p in tmp_path.iterdir()) and len(files) <= 9, files
     assert {"pytest.log", "checks.jsonl", "bench.jsonl", "bench.csv", "summary.txt", "environment.json"} <= set(files)
     checks = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
     assert checks and all(c["ok"] for c in checks)
@@ -150,6 +150,10 @@ def test_gpu_check_dry_run(tmp_path):
     ok_triton = {r["op"] for r in rows if r["provider"] == "triton" and r["status"] == "ok"}
     assert ok_triton == {"dice", "attention", "serving", "mba"}
     assert "benchmarks (median ms" in (tmp_path / "summary.txt").read_text()
+    specialization = [json.loads(line) for line in (tmp_path / "specialization.jsonl").read_text().splitlines()]
+    timed = [r for r in specialization if "shipped_ms" in r]
+    assert timed and all(r["shipped_ms"] > 0 and r["specialized_ms"] > 0 and r["max_rel_err"] < 1e-5
+                         for r in timed), specialization
     if importlib.util.find_spec("deepctr_torch") is not None:
         deepctr = [json.loads(line) for line in (tmp_path / "deepctr.jsonl").read_text().splitlines()]
         assert [r["variant"] for r in deepctr] == ["dice", "sigmoid"]

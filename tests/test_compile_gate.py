@@ -127,6 +127,65 @@ def test_gate_compiles_with_the_specs_register_limit(tmp_path):
     assert limited["registers"] <= 64 and limited["spill_stores"] > 0, limited
 
 
+def test_gate_compiles_with_the_specs_pipelining_depth(tmp_path):
+    # A K loop feeding tl.dot, the loop Triton's pipeliner works on.
+    kernel_file = tmp_path / "pipelined_kernels.py"
+    kernel_file.write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def _k_loop_kernel(a_ptr, b_ptr, c_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for k in range(0, K, BLOCK):
+                a = tl.load(a_ptr + offs[:, None] * K + k + offs[None, :])
+                b = tl.load(b_ptr + (k + offs[:, None]) * BLOCK + offs[None, :])
+                acc += tl.dot(a, b)
+            tl.store(c_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+
+
+        AOT_SPECS = [dict(name=f"k_loop_stages{stages}", fn=_k_loop_kernel,
+                          signature={"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "constexpr",
+                                     "BLOCK": "constexpr"},
+                          constexprs={"K": 1024, "BLOCK": 64}, num_warps=4, num_stages=stages)
+                     for stages in (1, 3)]
+    '''))
+    report_path = tmp_path / "gate.json"
+    result = _run_gate("--specs-file", str(kernel_file), "--cc", "80", "--json", str(report_path))
+    assert report_path.exists(), result.stdout + result.stderr[-4000:]
+    reports = {r["name"]: r for r in json.loads(report_path.read_text())}
+    assert {name: (r["error"], r["num_stages"]) for name, r in reports.items()} == {
+        "k_loop_stages1": (None, 1), "k_loop_stages3": (None, 3)}
+
+
+def test_spec_kernels_compile_only_the_gated_variant():
+    # The gate compiles with no argument specialized (no alignment, no value). A kernel that let
+    # Triton specialize at run time would run variants the gate never compiled.
+    script = textwrap.dedent('''
+        import importlib, json
+        from benchmarks.compile_gate import available_modules
+        specialized = sorted({f"{spec['fn'].__name__}.{param.name}"
+                              for module in available_modules()
+                              for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS
+                              for param in spec["fn"].params
+                              if not param.is_constexpr
+                              and not (param.do_not_specialize and param.do_not_specialize_on_alignment)})
+        kernels = {spec["fn"].__name__ for module in available_modules()
+                   for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS}
+        print(json.dumps({"kernels": sorted(kernels), "specialized": specialized}))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(found["kernels"]) >= 3, found
+    assert found["specialized"] == [], found["specialized"]
+
+
 def test_grouped_table_summarizes_each_kernel_per_compute_capability():
     pytest.importorskip("triton")
     from benchmarks.compile_gate import KernelReport, format_grouped_markdown

@@ -1,0 +1,22 @@
+"""``@triton.jit`` for launched kernels: one compiled variant per launch configuration."""
+
+from __future__ import annotations
+
+import inspect
+
+import triton
+
+
+def jit_unspecialized(fn):
+    """``@triton.jit`` with no argument specialized on its value: no scalar on being 1 or a
+    multiple of 16, no pointer on 16-byte alignment.
+
+    Triton's default compiles such variants at run time (``T == 1`` folded to a constant, aligned
+    pointers with vector loads), and their register allocation differs: an aligned fp32 Dice
+    training pass that fits in 255 registers unaligned spills. With none of them, each set of
+    constexprs and launch options compiles to the one kernel the compile gate
+    (``benchmarks/compile_gate.py``) compiles ahead of time, so the gate's verdict is the run's.
+    """
+    runtime_args = [name for name, param in inspect.signature(fn).parameters.items()
+                    if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
+    return triton.jit(fn, do_not_specialize=runtime_args, do_not_specialize_on_alignment=runtime_args)
