@@ -458,17 +458,18 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
                      ) -> Tuple[Tensor, Tensor]:
     """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold.
 
-    The history's own term ``k (Wk - Wd)^T`` is computed once for all candidates, and the
-    interaction term of every candidate comes from one ``[T, D] x [D, C * H1]`` product, so the
-    history is read once. Rows are laid out time-major (``[T, C]``) for that product.
+    Every candidate's first layer comes from one ``[T, D] x [D, C * H1]`` product against the
+    candidates' ``M_c`` side by side, with ``u_c`` as the product's bias row, so the history is
+    read once and no ``[T, C, H1]`` term is added afterwards. Rows are laid out time-major
+    (``[T, C]``) for that product.
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """
-    seq_len, num_candidates = history.shape[0], candidates.shape[0]
-    w_u, w_k, w_p = _split_first_layer(weights[0], history.shape[-1])
-    per_candidate_folded = (candidates[:, :, None] * w_p.t()).permute(1, 0, 2).reshape(history.shape[-1], -1)
-    h1 = (history @ per_candidate_folded).view(seq_len, num_candidates, -1)
-    h1 = h1.add_(F.linear(candidates, w_u, biases[0])[None]).add_(F.linear(history, w_k)[:, None])
+    (seq_len, dim), num_candidates = history.shape, candidates.shape[0]
+    w_u, w_k, w_p = _split_first_layer(weights[0], dim)
+    folds = _transposed_fold(candidates, w_k, w_p).view(-1, dim).t()
+    h1 = torch.addmm(F.linear(candidates, w_u, biases[0]).view(1, -1), history, folds)
+    h1 = h1.view(seq_len, num_candidates, w_k.shape[0])
     scores = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps).t()
     attn = _normalize(scores, None, normalization, softmax_scale)
     return attn @ history, attn

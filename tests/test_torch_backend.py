@@ -201,8 +201,9 @@ def test_gradcheck_torch_dice_and_mba():
 
 
 def test_score_candidates_reads_history_once_per_request():
-    """The serving path computes the history's own first-layer term once, not once per candidate:
-    its cost grows with C * T * D * H1 (the interaction) plus T * D * H1, never C * T * 4D * H1."""
+    """The serving path's first layer is one product of the history against every candidate's
+    fold: C * T * D * H1 multiply-adds plus C * D * H1 for the candidates' own terms, never
+    C * T * 4D * H1."""
     weights, biases, _ = random_attention_mlp(36, (80, 40), "sigmoid")
     history, candidates = torch.randn(100, 36), torch.randn(200, 36)
     from torch.utils.flop_counter import FlopCounterMode
@@ -212,7 +213,7 @@ def test_score_candidates_reads_history_once_per_request():
     with FlopCounterMode(display=False) as naive:
         R.score_candidates(history, candidates, weights, biases)
     layer_one_naive = 2 * 200 * 100 * 144 * 80
-    layer_one_folded = 2 * (200 * 100 * 36 * 80 + 100 * 36 * 80 + 200 * 36 * 80)
+    layer_one_folded = 2 * (200 * 100 * 36 * 80 + 200 * 36 * 80)
     rest = 2 * 200 * 100 * (80 * 40 + 40)
     assert naive.get_total_flops() == layer_one_naive + rest + 2 * 200 * 100 * 36
     assert folded.get_total_flops() == layer_one_folded + rest + 2 * 200 * 100 * 36
