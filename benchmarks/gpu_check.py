@@ -17,11 +17,12 @@ network, in four stages, and writes everything flat under ``--out`` (9 files):
 4. ``deepctr.jsonl``: DeepCTR-Torch's DIN training throughput before and after
    ``din_fast.integrations.deepctr_torch.patch`` (``benchmarks.deepctr``), when deepctr-torch
    imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.
-5. ``specialization.jsonl``: the attention kernels as shipped (no argument specialized, the
-   variant the compile gate compiles) against Triton's default specialization (16-byte-aligned
-   pointers, scalars divisible by 16 or equal to 1), side by side at B=4096 T=100 D=36,
-   forward+backward, float32 and bfloat16, with the registers and spills of every compiled
-   variant: whether alignment is worth gating a second variant for.
+5. ``specialization.jsonl``: the kernels as shipped (no argument specialized, the variant the
+   compile gate compiles) against Triton's default specialization (16-byte-aligned pointers,
+   scalars divisible by 16 or equal to 1), side by side: attention forward+backward at B=4096
+   T=100 D=36 and Dice forward+backward at 409600x40 in float32 and bfloat16, the MBA step at
+   K=1M in float32; with the registers and spills of every compiled variant: whether alignment
+   is worth gating a second variant for.
 
 ``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
 The exit status is non-zero when a test or a check failed.
@@ -351,47 +352,64 @@ def _compiled_resources(kernel) -> List[dict]:
     return found
 
 
+# One case per op family: (op, module under din_fast.kernels, mode, GPU shape, dry-run shape).
+_SPECIALIZATION_CASES = (
+    ("attention", "attention", "forward+backward", dict(B=4096, T=100, D=36), dict(B=4, T=9, D=36)),
+    ("dice", "dice", "forward+backward", dict(N=409600, C=40), dict(N=64, C=8)),
+    ("mba", "mba", "step", dict(K=1_000_000, D=64, B=4096, L=101), dict(K=1000, D=16, B=4, L=11)),
+)
+
+
 def compare_specialization(out: Path, device: str, dry_run: bool) -> List[dict]:
+    """Each op family timed with its launched kernels as shipped and re-jitted with Triton's
+    default specialization, alternating, on the same inputs; their outputs compared."""
+    import importlib
+
     import torch
     import triton
-    from din_fast.kernels import attention as kernels
-    from .run import cpu_time_interleaved, cuda_time, make_attention_case
+    from .run import CASE_BUILDERS, cpu_time_interleaved, cuda_time
 
-    shipped = {"_din_attention_fwd_kernel": kernels._din_attention_fwd_kernel,
-               "_din_attention_bwd_kernel": kernels._din_attention_bwd_kernel}
-    specialized = {name: triton.jit(kernel.fn) for name, kernel in shipped.items()}
-    shape = dict(B=4, T=9, D=36) if dry_run else dict(B=4096, T=100, D=36)
-    dtypes = (torch.float32,) if dry_run else (torch.float32, torch.bfloat16)
+    rows, resources = [], {}
+    for op, module_name, mode, shape, tiny_shape in _SPECIALIZATION_CASES:
+        module = importlib.import_module(f"din_fast.kernels.{module_name}")
+        # The launched kernels are exactly the compile gate's spec functions.
+        shipped = {spec["fn"].__name__: spec["fn"] for spec in module.AOT_SPECS}
+        specialized = {name: triton.jit(kernel.fn) for name, kernel in shipped.items()}
 
-    def use(variant):
-        for name, kernel in variant.items():
-            setattr(kernels, name, kernel)
+        def use(variant):
+            for name, kernel in variant.items():
+                setattr(module, name, kernel)
 
-    rows = []
-    try:
-        for dtype in dtypes:
-            case = make_attention_case(shape, dtype, device, "forward+backward", "triton", {})
-            times, results = {}, {}
-            for label, variant in (("shipped", shipped), ("specialized", specialized)) * (1 if dry_run else 2):
-                use(variant)
-                results[label] = case.run()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    median = cuda_time(case.run)[0]
-                else:
-                    median = cpu_time_interleaved([case.run], budget_s=0.0, min_repeats=1)[0][0]
-                times.setdefault(label, []).append(median)
-            row = dict(shape, dtype=str(dtype).split(".")[-1], mode="forward+backward",
-                       shipped_ms=min(times["shipped"]), specialized_ms=min(times["specialized"]))
-            row["speedup_of_specialized"] = row["shipped_ms"] / row["specialized_ms"]
-            # Same kernels on the same inputs: only the compiled code differs, so the outputs
-            # and gradients should agree to rounding.
-            row["max_rel_err"] = max(rel_err(a, b) for a, b in zip(results["specialized"], results["shipped"]))
-            rows.append(row)
-    finally:
-        use(shipped)
-    resources = {label: {name: _compiled_resources(kernel) for name, kernel in variant.items()}
-                 for label, variant in (("shipped", shipped), ("specialized", specialized))}
+        dtypes = (torch.float32,) if dry_run or op == "mba" else (torch.float32, torch.bfloat16)
+        try:
+            for dtype in dtypes:
+                case = CASE_BUILDERS[op](tiny_shape if dry_run else shape, dtype, device, mode, "triton", {})
+                # The MBA step updates its table in place: each variant's compared run starts
+                # from the same inputs.
+                initial = {name: tensor.clone() for name, tensor in case.inputs.items()}
+                times, results = {}, {}
+                for label, variant in (("shipped", shipped), ("specialized", specialized)) * (1 if dry_run else 2):
+                    use(variant)
+                    for name, tensor in case.inputs.items():
+                        tensor.copy_(initial[name])
+                    results[label] = [t.clone() for t in case.run()]
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        median = cuda_time(case.run)[0]
+                    else:
+                        median = cpu_time_interleaved([case.run], budget_s=0.0, min_repeats=1)[0][0]
+                    times.setdefault(label, []).append(median)
+                row = dict(op=op, shape=tiny_shape if dry_run else shape, dtype=str(dtype).split(".")[-1], mode=mode,
+                           shipped_ms=min(times["shipped"]), specialized_ms=min(times["specialized"]))
+                row["speedup_of_specialized"] = row["shipped_ms"] / row["specialized_ms"]
+                # Same kernels on the same inputs: only the compiled code differs, so the
+                # results should agree to rounding.
+                row["max_rel_err"] = max(rel_err(a, b) for a, b in zip(results["specialized"], results["shipped"]))
+                rows.append(row)
+        finally:
+            use(shipped)
+        resources[op] = {label: {name: _compiled_resources(kernel) for name, kernel in variant.items()}
+                         for label, variant in (("shipped", shipped), ("specialized", specialized))}
     with (out / "specialization.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
@@ -400,8 +418,10 @@ def compare_specialization(out: Path, device: str, dry_run: bool) -> List[dict]:
 
 
 def format_specialization(rows: Sequence[dict]) -> str:
-    return "\n".join(f"{r['dtype']:9s} B={r['B']} T={r['T']} D={r['D']} {r['mode']}: shipped {r['shipped_ms']:.3f} ms, "
-                     f"specialized {r['specialized_ms']:.3f} ms ({r['speedup_of_specialized']:.2f}x)" for r in rows)
+    return "\n".join(
+        f"{r['op']:9s} {' '.join(f'{k}={v}' for k, v in r['shape'].items()):26s} {r['dtype']:9s} {r['mode']:16s} "
+        f"shipped {r['shipped_ms']:.3f} ms, specialized {r['specialized_ms']:.3f} ms "
+        f"({r['speedup_of_specialized']:.2f}x), max rel. difference {r['max_rel_err']:.1e}" for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,8 +492,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(sections[-1], flush=True)
 
     if "specialization" not in skip:
-        print("== stage 5: attention kernels, shipped against Triton's default specialization", flush=True)
-        sections.append("attention forward+backward, median ms:\n"
+        print("== stage 5: kernels as shipped against Triton's default specialization", flush=True)
+        sections.append("unspecialized (shipped) against specialized kernels, median ms:\n"
                         + format_specialization(compare_specialization(out, device, args.dry_run)))
         print(sections[-1], flush=True)
 

@@ -152,7 +152,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert "benchmarks (median ms" in (tmp_path / "summary.txt").read_text()
     specialization = [json.loads(line) for line in (tmp_path / "specialization.jsonl").read_text().splitlines()]
     timed = [r for r in specialization if "shipped_ms" in r]
-    assert timed and all(r["shipped_ms"] > 0 and r["specialized_ms"] > 0 and r["max_rel_err"] < 1e-5
+    assert {r["op"] for r in timed} == {"attention", "dice", "mba"}
+    assert all(r["shipped_ms"] > 0 and r["specialized_ms"] > 0 and r["max_rel_err"] < 1e-5
                          for r in timed), specialization
     if importlib.util.find_spec("deepctr_torch") is not None:
         deepctr = [json.loads(line) for line in (tmp_path / "deepctr.jsonl").read_text().splitlines()]
