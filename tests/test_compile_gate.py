@@ -186,6 +186,22 @@ def test_spec_kernels_compile_only_the_gated_variant():
     assert found["specialized"] == [], found["specialized"]
 
 
+def test_shared_memory_over_the_limit_fails_the_gate():
+    from benchmarks.compile_gate import SHARED_MEMORY_LIMIT, KernelReport, format_table, summary
+
+    def report(cc, shared):
+        return KernelReport(source="m", name=f"k{cc}_{shared}", cc=cc, num_warps=4, registers=64, stack_bytes=0,
+                            spill_stores=0, spill_loads=0, shared_bytes=shared)
+
+    # 192 KiB fits sm_90's 227 KiB, not sm_80's 163 KiB; the limit itself fits both.
+    between = report(80, 192 * 1024), report(90, 192 * 1024)
+    at_limit = report(80, SHARED_MEMORY_LIMIT[80]), report(90, SHARED_MEMORY_LIMIT[90])
+    assert [r.over_shared_limit for r in between + at_limit] == [True, False, False, False]
+    assert [r.ok for r in between + at_limit] == [False, True, True, True]
+    assert "SHARED MEMORY OVER LIMIT" in format_table(between)
+    assert "1 over the shared memory limit" in summary(between + at_limit)
+
+
 def test_grouped_table_summarizes_each_kernel_per_compute_capability():
     pytest.importorskip("triton")
     from benchmarks.compile_gate import KernelReport, format_grouped_markdown
@@ -198,11 +214,11 @@ def test_grouped_table_summarizes_each_kernel_per_compute_capability():
                KernelReport("attention", "a_fp32", 80, 8, kernel="_fwd", registers=190, stack_bytes=0,
                             spill_stores=0, spill_loads=0, shared_bytes=1024)]
     rows = [line for line in format_grouped_markdown(reports, "cmd").splitlines() if line.startswith("| attention")]
-    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 |",
-                    "| attention/_fwd | 90 | 3 | 200 | 250 | 16 | 8192 | 1 | 1 |"]
+    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 | 0 |",
+                    "| attention/_fwd | 90 | 3 | 200 | 250 | 16 | 8192 | 1 | 0 | 1 |"]
     # A spec's group splits its kernel function's rows.
     reports[1].group = "_fwd bf16"
     rows = [line for line in format_grouped_markdown(reports, "cmd").splitlines() if line.startswith("| attention")]
-    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 |",
-                    "| attention/_fwd | 90 | 2 | 200 | 200 | 0 | 4096 | 0 | 1 |",
-                    "| attention/_fwd bf16 | 90 | 1 | 250 | 250 | 16 | 8192 | 1 | 0 |"]
+    assert rows == ["| attention/_fwd | 80 | 1 | 190 | 190 | 0 | 1024 | 0 | 0 | 0 |",
+                    "| attention/_fwd | 90 | 2 | 200 | 200 | 0 | 4096 | 0 | 0 | 1 |",
+                    "| attention/_fwd bf16 | 90 | 1 | 250 | 250 | 16 | 8192 | 1 | 0 | 0 |"]
