@@ -873,6 +873,8 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     holding the fold, and so does the affine Dice gate (its bias vectors leave no room for the
     fold). A 4-warp program holding a D = 128 fold works on 16-row tiles (32 rows spill on sm_80).
 
+    16-bit forwards hold the fold up to D = 128; at D = 256 they work on 32-wide D chunks (holding
+    it, or on 128-wide chunks, they need 200 to 290 KiB of shared memory, more than sm_80's 163).
     16-bit launches set the register limit ``MAX_REGISTERS``: left to itself, ptxas lowers their
     register target for occupancy (64 to 168 registers) and spills values held across the tile
     loop. A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that
@@ -891,10 +893,11 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
         block, chunk = 16, 16 if three_layers and pointwise and dim_p <= 64 else min(dim_p, 32)
     else:
         block = 32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) and not three_layers else 16
-        chunk = dim_p
+        chunk = dim_p if dim_p <= 128 else 32
     block = min(block, max(16, triton.next_power_of_2(seq_len)))
     if dtype != torch.float32:
-        # Holding a [128, 256] fold the forward sits at the limit, where setting it spills.
+        # From DP * H1P = 128 * 256 up (a held fold, or one built chunk by chunk) the forward
+        # sits at the limit, where setting it spills.
         at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256
         return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, None if at_limit else MAX_REGISTERS)
     return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 and not three_layers else 8, None)
@@ -1207,8 +1210,10 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
 # ----------------------------------------------------------------------------------------------
 
 _DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-_CANONICAL_DIMS = (36, 64, 128)
-_CANONICAL_HIDDEN = ((80, 40), (64, 16), (80, 40, 20), (200,))
+# (D, hidden) of the compiled specs: every D of the benchmarks with each hidden shape, and the
+# largest D the kernels take (256) with the paper's.
+_CANONICAL_SHAPES = tuple((dim, hidden) for dim in (36, 64, 128)
+                          for hidden in ((80, 40), (64, 16), (80, 40, 20), (200,))) + ((256, (80, 40)),)
 _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
@@ -1243,52 +1248,51 @@ def _aot_specs() -> List[dict]:
     for dtype, io in _DTYPE_SIG.items():
         forward_pointers = dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types)
         backward_pointers = dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types)
-        for dim in _CANONICAL_DIMS:
-            for hidden in _CANONICAL_HIDDEN:
-                for activation, act_code in _SPEC_ACTIVATIONS.items():
-                    for normalization in NORMALIZATION_CODES:
-                        for has_mask in (False, True):
-                            sizes = list(hidden) + [1] * (3 - len(hidden))
-                            constexprs = dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]),
-                                              H2=sizes[1], H2P=_padded(sizes[1]), H3=sizes[2],
-                                              H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden),
-                                              ACT=act_code,
-                                              NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
-                                              IEEE=dtype == torch.float32)
-                            dtype_name = str(dtype).split('.')[-1]
-                            layers = ", 3 layers" if len(hidden) == 3 else ""
-                            tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
-                                   f"{normalization}{'_mask' if has_mask else ''}")
-                            # The forward's BLOCK_T shrinks for sequences shorter than its tile.
-                            # Dice statistics passes: one per hidden layer (the normalization
-                            # plays no part in them; the launcher passes "none").
-                            dice = act_code >= ACTIVATION_CODES["dice"]
-                            stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
-                            seq_lens = {_forward_config(constexprs, t, dtype).block_t: t for t in (1, 4096)}
-                            for _, seq_len in sorted(seq_lens.items()):
-                                for stat_layer in (0, *stat_layers):
-                                    launch = _forward_config(constexprs, seq_len, dtype, statistics=stat_layer > 0)
-                                    stage = f"_stats{stat_layer}" if stat_layer else ""
-                                    specs.append(_spec(
-                                        f"din_attention_fwd_{tag}{stage}_t{launch.block_t}",
-                                        _din_attention_fwd_kernel, forward_pointers, forward_scalars,
-                                        dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
-                                             STAT_LAYER=stat_layer),
-                                        launch.num_warps, launch.maxnreg,
-                                        f"fwd {dtype_name}{' statistics' if stat_layer else ''}{layers}"))
-                            # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
-                            # statistics, every launch of DICE_MODE 2.
-                            modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
-                                     else (1, 2) if act_code == DICE_AFFINE_CODE else (0,))
-                            for launch in [launch for mode in modes for launch in _backward_launches(constexprs, mode)]:
+        for dim, hidden in _CANONICAL_SHAPES:
+            for activation, act_code in _SPEC_ACTIVATIONS.items():
+                for normalization in NORMALIZATION_CODES:
+                    for has_mask in (False, True):
+                        sizes = list(hidden) + [1] * (3 - len(hidden))
+                        constexprs = dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]),
+                                          H2=sizes[1], H2P=_padded(sizes[1]), H3=sizes[2],
+                                          H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden),
+                                          ACT=act_code,
+                                          NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
+                                          IEEE=dtype == torch.float32)
+                        dtype_name = str(dtype).split('.')[-1]
+                        layers = ", 3 layers" if len(hidden) == 3 else ""
+                        tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
+                               f"{normalization}{'_mask' if has_mask else ''}")
+                        # The forward's BLOCK_T shrinks for sequences shorter than its tile.
+                        # Dice statistics passes: one per hidden layer (the normalization
+                        # plays no part in them; the launcher passes "none").
+                        dice = act_code >= ACTIVATION_CODES["dice"]
+                        stat_layers = range(1, len(hidden) + 1) if dice and normalization == "none" else ()
+                        seq_lens = {_forward_config(constexprs, t, dtype).block_t: t for t in (1, 4096)}
+                        for _, seq_len in sorted(seq_lens.items()):
+                            for stat_layer in (0, *stat_layers):
+                                launch = _forward_config(constexprs, seq_len, dtype, statistics=stat_layer > 0)
+                                stage = f"_stats{stat_layer}" if stat_layer else ""
                                 specs.append(_spec(
-                                    f"din_attention_bwd_{tag}{launch.suffix}", _din_attention_bwd_kernel,
-                                    backward_pointers, backward_scalars,
-                                    dict(constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase,
-                                         HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
-                                         BD_FIRST=launch.first_chunk),
+                                    f"din_attention_fwd_{tag}{stage}_t{launch.block_t}",
+                                    _din_attention_fwd_kernel, forward_pointers, forward_scalars,
+                                    dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
+                                         STAT_LAYER=stat_layer),
                                     launch.num_warps, launch.maxnreg,
-                                    f"bwd {dtype_name} {_pass_name(launch)}{layers}", launch.num_stages))
+                                    f"fwd {dtype_name}{' statistics' if stat_layer else ''}{layers}"))
+                        # Dice adds the affine gate's phase 2 (DICE_MODE 1) and, with batch
+                        # statistics, every launch of DICE_MODE 2.
+                        modes = ((0, 2) if act_code == ACTIVATION_CODES["dice"]
+                                 else (1, 2) if act_code == DICE_AFFINE_CODE else (0,))
+                        for launch in [launch for mode in modes for launch in _backward_launches(constexprs, mode)]:
+                            specs.append(_spec(
+                                f"din_attention_bwd_{tag}{launch.suffix}", _din_attention_bwd_kernel,
+                                backward_pointers, backward_scalars,
+                                dict(constexprs, BLOCK_T=_BACKWARD_BLOCK_T, BD=launch.chunk, PHASE=launch.phase,
+                                     HC=launch.h_chunk, DICE_MODE=launch.dice_mode, STOP_LAYER=launch.stop_layer,
+                                     BD_FIRST=launch.first_chunk),
+                                launch.num_warps, launch.maxnreg,
+                                f"bwd {dtype_name} {_pass_name(launch)}{layers}", launch.num_stages))
     return specs
 
 

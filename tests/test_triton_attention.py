@@ -360,6 +360,15 @@ def test_dice_training_half_precision(dtype):
                     affine=True, dice_stats="all", api="triton_ops", lengths=torch.tensor([5, 2, 0], device=DEVICE))
 
 
+@pytest.mark.parametrize("activation,training,dtype", [("sigmoid", False, torch.float16),
+                                                       ("dice", True, torch.bfloat16)])
+def test_half_precision_widest_embedding_in_chunks(activation, training, dtype):
+    # D = 200 pads to 256: 16-bit forwards (and Dice's statistics passes) build the fold in
+    # 32-wide D chunks instead of holding it, as fp32 does.
+    run_and_compare(2, 5, 200, (12, 8), activation=activation, normalization="softmax", dtype=dtype,
+                    training=training, api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
+
+
 @pytest.mark.parametrize("hidden", [(20, 12), (12,)])
 def test_affine_dice_inference(hidden):
     run_and_compare(3, 5, 18, hidden, activation="dice", normalization="softmax", affine=True,
