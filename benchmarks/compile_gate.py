@@ -18,9 +18,10 @@ cubin with the ``cuobjdump`` that ships with Triton:
   more fails at launch).
 
 ``python -m benchmarks.compile_gate`` prints one row per kernel and compute capability and exits
-non-zero on a compile error, any spill or shared memory over the limit. Triton must run natively: ``TRITON_INTERPRET`` is
-removed from the environment before Triton is imported (under the interpreter ``@triton.jit``
-makes functions that cannot be compiled ahead of time), so run the gate in its own process.
+non-zero on a compile error, any spill or shared memory over the limit. Triton must run natively:
+``TRITON_INTERPRET`` is removed from the environment before Triton is imported (under the
+interpreter ``@triton.jit`` makes functions that cannot be compiled ahead of time), so run the
+gate in its own process.
 
 Options: ``--modules dice,mba`` (default: every kernel file that exists), ``--cc 80,90``,
 ``--select all|ends`` (``ends``: the first and the last spec of each kernel function; the spec

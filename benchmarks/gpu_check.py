@@ -431,7 +431,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for the result files (flat)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: tests,checks,bench,deepctr,specialization")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated stages to skip: tests,checks,bench,deepctr,specialization")
     parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds for the pytest stage")
     parser.add_argument("--bench-budget", type=float, default=330.0, help="seconds for the benchmark stage")
     args = parser.parse_args(argv)

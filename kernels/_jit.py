@@ -12,9 +12,9 @@ def jit_unspecialized(fn):
     multiple of 16, no pointer on 16-byte alignment.
 
     Triton's default compiles such variants at run time (``T == 1`` folded to a constant, aligned
-    pointers with vector loads), and their register allocation differs: an aligned fp32 Dice
-    training pass that fits in 255 registers unaligned spills. With none of them, each set of
-    constexprs and launch options compiles to the one kernel the compile gate
+    pointers with vector loads), and their register allocation differs: an fp32 Dice training
+    pass that fits in 255 registers as gated spills in its aligned variant. With none of them,
+    each set of constexprs and launch options compiles to the one kernel the compile gate
     (``benchmarks/compile_gate.py``) compiles ahead of time, so the gate's verdict is the run's.
     """
     runtime_args = [name for name, param in inspect.signature(fn).parameters.items()

@@ -874,7 +874,7 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     fold). A 4-warp program holding a D = 128 fold works on 16-row tiles (32 rows spill on sm_80).
 
     16-bit forwards hold the fold up to D = 128; at D = 256 they work on 32-wide D chunks (holding
-    it, or on 128-wide chunks, they need 200 to 290 KiB of shared memory, more than sm_80's 163).
+    it, or on 128-wide chunks, they need 200 to 292 KiB of shared memory, more than sm_80's 163).
     16-bit launches set the register limit ``MAX_REGISTERS``: left to itself, ptxas lowers their
     register target for occupancy (64 to 168 registers) and spills values held across the tile
     loop. A Dice statistics pass (``statistics``) keeps the forward's tiles and D chunks, so that
