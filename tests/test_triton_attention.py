@@ -365,7 +365,9 @@ def test_dice_training_half_precision(dtype):
 def test_half_precision_widest_embedding_in_chunks(activation, training, dtype):
     # D = 200 pads to 256: 16-bit forwards (and Dice's statistics passes) build the fold in
     # 32-wide D chunks instead of holding it, as fp32 does.
-    run_and_compare(2, 5, 200, (12, 8), activation=activation, normalization="softmax", dtype=dtype,
+    # No softmax: it makes the score bias's gradient exactly 0, where 16-bit rounding is all
+    # that is left to compare.
+    run_and_compare(2, 5, 200, (12, 8), activation=activation, normalization="none", dtype=dtype,
                     training=training, api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
 
 
