@@ -1,7 +1,7 @@
 """One command for a lent GPU: native kernel tests, full-size checks against float64, benchmarks.
 
 ``PYTHONPATH=. python -m benchmarks.gpu_check --out $OUT`` runs from the source tree with no
-network, in four stages, and writes everything flat under ``--out`` (9 files):
+network, in five stages, and writes everything flat under ``--out`` (9 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
    natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
@@ -331,7 +331,7 @@ def run_deepctr(out: Path, device: str, dry_run: bool) -> Optional[List[dict]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 5: the shipped (unspecialized) attention kernels against Triton's default specialization
+# Stage 5: the shipped (unspecialized) kernels against Triton's default specialization
 # ----------------------------------------------------------------------------------------------
 
 
