@@ -97,9 +97,16 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     names = ["query", "keys"] + [f"weights[{i}]" for i in range(n)] + [f"biases[{i}]" for i in range(n)] + \
         trainable_names(activation, act_params)
     assert len(names) == len(leaves)
+    valid = int(lengths.sum()) if lengths is not None else int(mask.sum()) if mask is not None else batch * seq_len
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
-        assert_close(got, want, dtype, f"grad {name}", scale=grad_scale)
+        scale = grad_scale
+        if normalization == "softmax" and name == f"biases[{n - 1}]":
+            # Softmax makes the score bias's gradient exactly 0: a sum over the valid positions
+            # whose terms cancel, so the reference gives no magnitude for its rounding, which
+            # grows with the square root of the number of terms.
+            scale *= max(1, valid) ** 0.5
+        assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
             assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
