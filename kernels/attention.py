@@ -967,22 +967,21 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     if len(hidden_p) == 3:
         if half:
             train_stages = _SHALLOW_STAGES
-            if dim_p > 64 and constexprs["ACT"] == ACTIVATION_CODES["prelu"]:
-                first_stages = _SHALLOW_STAGES
-        if not half:
+            if dim_p > 64:
+                first_h_chunk = wide_h_chunk
+                if constexprs["ACT"] == ACTIVATION_CODES["prelu"]:
+                    first_stages = _SHALLOW_STAGES
+        else:
             first_h_chunk = train_h_chunk = wide_h_chunk
-        elif dim_p > 64:
-            first_h_chunk = wide_h_chunk
         if half or constexprs["D"] < dim_p:
             p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
+    phase_1 = _BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None, first_stages)
     if dice_mode == 0:
-        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None,
-                                first_stages),
+        return [phase_1,
                 _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, p2_chunk, second_h_chunk, num_warps, None, _DEFAULT_STAGES)]
     if dice_mode == 1:
         gate_chunk = min(dim_p, 32) if half and two_layers else second_chunk
-        return [_BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None,
-                                _DEFAULT_STAGES),
+        return [phase_1,
                 _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None, _DEFAULT_STAGES)]
     recompute_chunk = 16 if half else min(dim_p, 32)
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,

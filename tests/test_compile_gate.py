@@ -166,15 +166,12 @@ def test_spec_kernels_compile_only_the_gated_variant():
     script = textwrap.dedent('''
         import importlib, json
         from benchmarks.compile_gate import available_modules
-        specialized = sorted({f"{spec['fn'].__name__}.{param.name}"
-                              for module in available_modules()
-                              for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS
-                              for param in spec["fn"].params
-                              if not param.is_constexpr
-                              and not (param.do_not_specialize and param.do_not_specialize_on_alignment)})
-        kernels = {spec["fn"].__name__ for module in available_modules()
+        kernels = {spec["fn"] for module in available_modules()
                    for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS}
-        print(json.dumps({"kernels": sorted(kernels), "specialized": specialized}))
+        specialized = sorted(f"{kernel.__name__}.{param.name}" for kernel in kernels for param in kernel.params
+                             if not param.is_constexpr
+                             and not (param.do_not_specialize and param.do_not_specialize_on_alignment))
+        print(json.dumps({"kernels": sorted(kernel.__name__ for kernel in kernels), "specialized": specialized}))
     ''')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
