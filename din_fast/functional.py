@@ -71,6 +71,25 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
 
 
 _SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
+# The shapes the attention kernels are built and compile-gated for (D and every hidden width pad
+# to at most 256 lanes); "auto" sends larger ones to the torch backend.
+ATTENTION_KERNEL_MAX_DIM = 256
+ATTENTION_KERNEL_MAX_WIDTH = 256
+ATTENTION_KERNEL_MAX_HIDDEN_LAYERS = 3
+
+
+def _attention_kernel_unsupported(dim: int, weights: Sequence[Tensor]) -> Optional[str]:
+    """What of this MLP the attention kernels do not take, or None."""
+    hidden = [int(w.shape[0]) for w in weights[:-1]]
+    if dim > ATTENTION_KERNEL_MAX_DIM:
+        return f"embedding size D={dim} (the attention kernels take D up to {ATTENTION_KERNEL_MAX_DIM})"
+    if len(hidden) > ATTENTION_KERNEL_MAX_HIDDEN_LAYERS:
+        return (f"{len(hidden)} hidden layers (the attention kernels take 1 to "
+                f"{ATTENTION_KERNEL_MAX_HIDDEN_LAYERS})")
+    if max(hidden) > ATTENTION_KERNEL_MAX_WIDTH:
+        return (f"hidden widths {tuple(hidden)} (the attention kernels take widths up to "
+                f"{ATTENTION_KERNEL_MAX_WIDTH})")
+    return None
 
 
 def _training_process_group(process_group, training: bool) -> dict:
@@ -172,7 +191,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_positive_float("eps", eps)
     group = _training_process_group(process_group if activation == "dice" else None, training)
     backend = resolve_backend(backend, keys.device, "attention_pooling", keys.dtype,
-                              _SYNC_UNSUPPORTED if group else None)
+                              _SYNC_UNSUPPORTED if group else _attention_kernel_unsupported(dim, weights))
     return get_op(backend, "attention_pooling")(
         query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
         act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
@@ -211,7 +230,9 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     V.check_choice("normalization", normalization, V.NORMALIZATIONS)
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_positive_float("eps", eps)
-    op = get_op(resolve_backend(backend, history.device, "score_candidates", history.dtype), "score_candidates")
+    backend = resolve_backend(backend, history.device, "score_candidates", history.dtype,
+                              _attention_kernel_unsupported(history.shape[1], weights))
+    op = get_op(backend, "score_candidates")
     return op(history, candidates, tuple(weights), tuple(biases), activation=activation, act_params=act_params,
               normalization=normalization, softmax_scale=float(softmax_scale), eps=eps)
 

@@ -40,6 +40,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{name}: {m}")
 
 
+def cancelling_sum_scale(num_terms: int) -> float:
+    """``assert_close``'s ``scale`` for a tensor whose exact value is a sum of ``num_terms`` terms
+    that cancel to 0 (under softmax, the score bias's gradient): the reference then gives no
+    magnitude for the rounding, which grows with the square root of the number of terms."""
+    return max(1, num_terms) ** 0.5
+
+
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so elements a kernel forgets to write show up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

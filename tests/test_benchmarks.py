@@ -146,6 +146,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert checks and all(c["ok"] for c in checks)
     measured = [c for c in checks if c.get("rel_err") is not None]
     assert {c["check"] for c in measured} >= {"attention sigmoid", "dice train", "serving sigmoid", "mba fused step"}
+    cancelling = [c for c in checks if c.get("abs_err") is not None]
+    assert cancelling and {(c["check"], c["tensor"]) for c in cancelling} == {("attention dice+softmax", "grad_b3")}
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     ok_triton = {r["op"] for r in rows if r["provider"] == "triton" and r["status"] == "ok"}
     assert ok_triton == {"dice", "attention", "serving", "mba"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from din_fast import functional, reference
-from din_fast.testing import assert_close, nan_filled
+from din_fast.testing import assert_close, cancelling_sum_scale, nan_filled
 
 triton = pytest.importorskip("triton")
 
@@ -102,10 +102,8 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         scale = grad_scale
         if normalization == "softmax" and name == f"biases[{n - 1}]":
-            # Softmax makes the score bias's gradient exactly 0: a sum over the valid positions
-            # whose terms cancel, so the reference gives no magnitude for its rounding, which
-            # grows with the square root of the number of terms.
-            scale *= max(1, valid) ** 0.5
+            # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions.
+            scale *= cancelling_sum_scale(valid)
         assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
@@ -230,6 +228,23 @@ def test_float64_is_refused():
     weights, biases, _ = make_mlp(18, (12,), "sigmoid", torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
+
+
+@pytest.mark.parametrize("dim,hidden,pattern", [
+    (257, (8,), "embedding size D=257"),
+    (8, (8, 8, 8, 8), "4 hidden layers"),
+    (8, (257, 8), r"hidden widths \(257, 8\)"),
+])
+def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hidden, pattern):
+    query, keys = torch.randn(2, dim, device=DEVICE), torch.randn(2, 3, dim, device=DEVICE)
+    weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
+    with pytest.raises(NotImplementedError, match=pattern):
+        functional.attention_pooling(query, keys, weights, biases, backend="triton")
+    with pytest.raises(NotImplementedError, match=pattern):
+        functional.score_candidates(keys[0], query, weights, biases, backend="triton")
+    pooled, _ = functional.attention_pooling(query, keys, weights, biases, backend="auto")
+    expected, _ = reference.attention_pooling(query, keys, weights, biases)
+    assert_close(pooled, expected, torch.float32, "pooled")
 
 
 def test_torch_compile_traces_without_graph_breaks():

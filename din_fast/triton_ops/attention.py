@@ -270,8 +270,6 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     if keys.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports keys/query in float32, bfloat16 or float16, got {keys.dtype}; "
                         "use backend='torch' or 'reference' for it")
-    if len(weights) > 4:
-        raise NotImplementedError(f"the triton attention kernels support 1 to 3 hidden layers, got {len(weights) - 1}")
     act_flat = _flatten_act_params(activation, act_params)
     pooled, attn_weights, _, _, dice_mean, dice_var, dice_count = _attention_pooling_fwd(
         query, keys, list(weights), list(biases), lengths, mask, act_flat, activation, normalization,
