@@ -883,14 +883,15 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     on 8 (on 4 some hold more than 255 registers; the compile gate). With three hidden layers
     16-bit forwards work on 16-row tiles (32 spill), fp32 statistics passes run on 8 warps, and
     fp32 forwards of the pointwise activations at DP <= 64 on 16-wide D chunks (32 spills on
-    sm_90; Dice keeps 32, which its backward's recomputing passes share)."""
+    sm_90; Dice keeps its backward's recomputing chunk, ``_first_layer_chunk``). Small shapes
+    (``_small``) set ``MAX_REGISTERS`` in fp32 too."""
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     gate_bias = constexprs["ACT"] == DICE_AFFINE_CODE
     three_layers = len(hidden_p) == 3
     wide = dtype == torch.float32 or dim_p * hidden_p[0] > 64 * 128
     if dtype == torch.float32 or gate_bias:
         pointwise = constexprs["ACT"] < ACTIVATION_CODES["dice"]
-        block, chunk = 16, 16 if three_layers and pointwise and dim_p <= 64 else min(dim_p, 32)
+        block, chunk = 16, 16 if three_layers and pointwise and dim_p <= 64 else _first_layer_chunk(dim_p)
     else:
         block = 32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) and not three_layers else 16
         chunk = dim_p if dim_p <= 128 else 32
@@ -900,7 +901,22 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
         # sits at the limit, where setting it spills.
         at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256
         return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, None if at_limit else MAX_REGISTERS)
-    return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 and not three_layers else 8, None)
+    return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 and not three_layers else 8,
+                          MAX_REGISTERS if _small(constexprs) else None)
+
+
+def _small(constexprs: dict) -> bool:
+    """Below the widths the launch rules were first tuned at (DP * H1P < 64 * 64): there ptxas
+    lowers the register target of some passes for occupancy (to 64-128 registers) and spills, so
+    every launch sets the limit ``MAX_REGISTERS``."""
+    return constexprs["DP"] * constexprs["H1P"] < 64 * 64
+
+
+def _first_layer_chunk(dim_p: int) -> int:
+    """Width of the D chunks in which fp32 passes (and every backward pass) build z1: 32, or 16
+    where 32 would be the whole padded D (DP = 32), which spills (up to 42 values in fp32 with
+    three hidden layers, a few in 16-bit)."""
+    return 32 if dim_p > 32 else 16
 
 
 _BACKWARD_BLOCK_T = 16
@@ -942,6 +958,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       Triton's default of 3 four such configurations spill on sm_90, and no choice of chunks
       fixed them. Not the other passes: at the 255-register limit, depth 2 spills 14 of the
       1,056 16-bit three-layer backward compiles, depth 1 more.
+    * small shapes (``_small``: DP * H1P < 64 * 64): every launch sets ``MAX_REGISTERS``; at
+      DP = 32 z1 is built on 16-wide D chunks (``_first_layer_chunk``); where every padded
+      width is 16, the passes run on 2 warps.
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -949,7 +968,12 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     wide_h_chunk = min(hidden_p[0], 32)
     narrow = two_layers and (half or dim_p <= 64)
     h_chunk = min(hidden_p[0], 16) if narrow else wide_h_chunk
-    first_chunk, second_chunk, num_warps = min(dim_p, 32), 16, 8
+    z1_chunk, second_chunk = _first_layer_chunk(dim_p), 16
+    first_chunk = z1_chunk
+    # The smallest shapes (every padded width 16) hold so little per warp that 8 or 4 warps
+    # replicate it and spill Dice's training phase 2; 2 warps do not.
+    num_warps = 2 if max(dim_p, *hidden_p) <= 16 else 8
+    maxnreg = MAX_REGISTERS if _small(constexprs) else None
     first_h_chunk = second_h_chunk = h_chunk
     if narrow and half and hidden_p[0] <= 64:
         first_h_chunk = wide_h_chunk
@@ -975,20 +999,22 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
             first_h_chunk = train_h_chunk = wide_h_chunk
         if half or constexprs["D"] < dim_p:
             p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
-    phase_1 = _BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, None, first_stages)
+    phase_1 = _BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, maxnreg,
+                              first_stages)
     if dice_mode == 0:
-        return [phase_1,
-                _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, p2_chunk, second_h_chunk, num_warps, None, _DEFAULT_STAGES)]
+        return [phase_1, _BackwardLaunch("_p2", 2, p2_chunk, 0, 0, min(p2_chunk, z1_chunk), second_h_chunk,
+                                         num_warps, maxnreg, _DEFAULT_STAGES)]
     if dice_mode == 1:
         gate_chunk = min(dim_p, 32) if half and two_layers else second_chunk
-        return [phase_1,
-                _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, gate_chunk, h_chunk, num_warps, None, _DEFAULT_STAGES)]
-    recompute_chunk = 16 if half else min(dim_p, 32)
+        return [phase_1, _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, min(gate_chunk, z1_chunk), h_chunk,
+                                         num_warps, maxnreg, _DEFAULT_STAGES)]
+    recompute_chunk = 16 if half else z1_chunk
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
-                                4 if half and stop > 1 else num_warps, MAX_REGISTERS if half else None, train_stages)
+                                min(4, num_warps) if half and stop > 1 else num_warps,
+                                MAX_REGISTERS if half else maxnreg, train_stages)
                 for stop in range(len(hidden_p), 0, -1)]
     return launches + [
-        _BackwardLaunch(f"_train_p{phase}", phase, chunk, 2, 0, recompute_chunk, h, num_warps, None, train_stages)
+        _BackwardLaunch(f"_train_p{phase}", phase, chunk, 2, 0, recompute_chunk, h, num_warps, maxnreg, train_stages)
         for phase, chunk, h in ((1, recompute_chunk, train_h_chunk), (2, second_chunk, late_h_chunk),
                                 (3, second_chunk, late_h_chunk))]
 
