@@ -958,9 +958,13 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
       Triton's default of 3 four such configurations spill on sm_90, and no choice of chunks
       fixed them. Not the other passes: at the 255-register limit, depth 2 spills 14 of the
       1,056 16-bit three-layer backward compiles, depth 1 more.
-    * small shapes (``_small``: DP * H1P < 64 * 64): every launch sets ``MAX_REGISTERS``; at
-      DP = 32 z1 is built on 16-wide D chunks (``_first_layer_chunk``); where every padded
-      width is 16, the passes run on 2 warps.
+    * small shapes (``_small``: DP * H1P < 64 * 64): every launch sets ``MAX_REGISTERS``
+      (without it ptxas lowers some passes to 128 registers and spills); at DP = 32 z1 is built
+      on 16-wide D chunks (``_first_layer_chunk``); with three hidden layers phase 1 (and fp32
+      Dice's training phase 1) takes H1 whole up to 64 (16 or 32 spill a value on sm_80). Where
+      every padded width is 16 the passes run on 2 warps (8 or 4 spill Dice's training phase 2,
+      whose fp32 form holds about 255 registers on any number of warps), and that phase without
+      a mask on 1 (on 2 it spills 2 to 4 values on sm_90; with a mask, 1 warp spills 2 or 3).
     """
     dim_p, hidden_p = constexprs["DP"], _padded_hidden(constexprs)
     half = not constexprs["IEEE"]
@@ -970,10 +974,9 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     h_chunk = min(hidden_p[0], 16) if narrow else wide_h_chunk
     z1_chunk, second_chunk = _first_layer_chunk(dim_p), 16
     first_chunk = z1_chunk
-    # The smallest shapes (every padded width 16) hold so little per warp that 8 or 4 warps
-    # replicate it and spill Dice's training phase 2; 2 warps do not.
-    num_warps = 2 if max(dim_p, *hidden_p) <= 16 else 8
-    maxnreg = MAX_REGISTERS if _small(constexprs) else None
+    small, tiny = _small(constexprs), max(dim_p, *hidden_p) <= 16
+    num_warps = 2 if tiny else 8
+    maxnreg = MAX_REGISTERS if small else None
     first_h_chunk = second_h_chunk = h_chunk
     if narrow and half and hidden_p[0] <= 64:
         first_h_chunk = wide_h_chunk
@@ -997,6 +1000,10 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
                     first_stages = _SHALLOW_STAGES
         else:
             first_h_chunk = train_h_chunk = wide_h_chunk
+        if small:
+            first_h_chunk = min(hidden_p[0], 64)
+            if not half:
+                train_h_chunk = first_h_chunk
         if half or constexprs["D"] < dim_p:
             p2_chunk, second_h_chunk = min(dim_p, 32), wide_h_chunk
     phase_1 = _BackwardLaunch("_p1", 1, first_chunk, 0, 0, first_chunk, first_h_chunk, num_warps, maxnreg,
@@ -1009,14 +1016,16 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
         return [phase_1, _BackwardLaunch("_p2", 2, gate_chunk, 1, 0, min(gate_chunk, z1_chunk), h_chunk,
                                          num_warps, maxnreg, _DEFAULT_STAGES)]
     recompute_chunk = 16 if half else z1_chunk
+    tiny_p2_warps = (2 if constexprs["HAS_MASK"] else 1) if tiny else num_warps
     launches = [_BackwardLaunch(f"_train_p0s{stop}", 0, recompute_chunk, 2, stop, recompute_chunk, h_chunk,
                                 min(4, num_warps) if half and stop > 1 else num_warps,
                                 MAX_REGISTERS if half else maxnreg, train_stages)
                 for stop in range(len(hidden_p), 0, -1)]
     return launches + [
-        _BackwardLaunch(f"_train_p{phase}", phase, chunk, 2, 0, recompute_chunk, h, num_warps, maxnreg, train_stages)
-        for phase, chunk, h in ((1, recompute_chunk, train_h_chunk), (2, second_chunk, late_h_chunk),
-                                (3, second_chunk, late_h_chunk))]
+        _BackwardLaunch(f"_train_p{phase}", phase, chunk, 2, 0, recompute_chunk, h, warps, maxnreg, train_stages)
+        for phase, chunk, h, warps in ((1, recompute_chunk, train_h_chunk, num_warps),
+                                       (2, second_chunk, late_h_chunk, tiny_p2_warps),
+                                       (3, second_chunk, late_h_chunk, num_warps))]
 
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
@@ -1235,10 +1244,12 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
 # ----------------------------------------------------------------------------------------------
 
 _DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-# (D, hidden) of the compiled specs: every D of the benchmarks with each hidden shape, and the
-# largest D the kernels take (256) with the paper's.
-_CANONICAL_SHAPES = tuple((dim, hidden) for dim in (36, 64, 128)
-                          for hidden in ((80, 40), (64, 16), (80, 40, 20), (200,))) + ((256, (80, 40)),)
+# (D, hidden) of the compiled specs: small shapes, one for each padded D below the benchmarks'
+# (16, 32; D padded and not), every D of the benchmarks with each hidden shape, and the largest D
+# the kernels take (256) with the paper's.
+_CANONICAL_SHAPES = ((8, (12, 8)), (16, (32,)), (24, (40, 12, 6)), (32, (32, 16))) + tuple(
+    (dim, hidden) for dim in (36, 64, 128) for hidden in ((80, 40), (64, 16), (80, 40, 20), (200,))
+) + ((256, (80, 40)),)
 _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
