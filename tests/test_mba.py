@@ -325,7 +325,9 @@ def test_mbasgd_matches_reference_loop(backend, sparse, steps):
     # 100 steps compound it.
     scale = 1.0 if steps == 1 else 100.0
     assert all(torch.isfinite(p).all() for p in params), "the trajectory diverged; the comparison would be vacuous"
-    assert (model.embedding.weight - initial_table).abs().max() > 1e-3
+    # The table moved by far more than the comparison's float64 tolerance (about 1e-8): one step
+    # at this rate moves it by about 1e-3 to 5e-2 (largest entry), depending on the random batch.
+    assert (model.embedding.weight - initial_table).abs().max() > 1e-6
     assert_close(model.embedding.weight, params[0], torch.float64, "table", scale=scale)
     assert_close(model.head.weight, params[1], torch.float64, "head weight", scale=scale)
     assert_close(model.head.bias, params[2], torch.float64, "head bias", scale=scale)
