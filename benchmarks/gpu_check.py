@@ -111,17 +111,16 @@ def _compare(record_base: dict, names: Sequence[str], actual, expected, bound: f
              cancelling: Dict[str, int], dtype) -> List[dict]:
     """One record per tensor: its relative error against ``bound``; a tensor named in
     ``cancelling`` (exactly 0, a sum of that many cancelling terms) by the tests' rule instead, its
-    largest absolute error against ``din_fast.testing``'s tolerance widened by
+    largest absolute error against ``din_fast.testing``'s bound widened by
     ``cancelling_sum_scale``."""
     import torch
-    from din_fast.testing import TOLERANCES, cancelling_sum_scale
+    from din_fast.testing import cancelling_sum_scale, normwise_bound
     records = []
     for name, a, e in zip(names, actual, expected):
         if name in cancelling:
             a, e = a.detach().to(torch.float64).cpu(), e.detach().to(torch.float64).cpu()
             err = (a - e).abs().max().item()
-            tol = TOLERANCES[dtype]
-            abs_bound = (tol["atol"] + tol["rtol"] * e.abs().max().item()) * cancelling_sum_scale(cancelling[name])
+            abs_bound = normwise_bound(e, dtype, cancelling_sum_scale(cancelling[name]))
             records.append(dict(record_base, tensor=name, rel_err=None, abs_err=err, abs_bound=abs_bound,
                                 bound=bound, ok=bool(err <= abs_bound)))
             continue

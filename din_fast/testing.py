@@ -31,13 +31,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     tolerances (document why at the call site). Any NaN fails: a comparison of NaN with NaN
     would pass whatever the kernel did.
     """
-    tol = TOLERANCES[dtype]
     expected = expected.detach().to(torch.float64).cpu()
+    torch.testing.assert_close(actual.detach().to(torch.float64).cpu(), expected,
+                               atol=normwise_bound(expected, dtype, scale), rtol=0, equal_nan=False,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:
+    """``assert_close``'s bound on every entry's absolute error: ``(atol + rtol * max|expected|) *
+    scale`` with ``TOLERANCES[dtype]``, the maximum over the finite entries."""
+    tol = TOLERANCES[dtype]
     finite = expected[torch.isfinite(expected)]
     magnitude = finite.abs().max().item() if finite.numel() else 0.0
-    torch.testing.assert_close(actual.detach().to(torch.float64).cpu(), expected,
-                               atol=(tol["atol"] + tol["rtol"] * magnitude) * scale, rtol=0, equal_nan=False,
-                               msg=lambda m: f"{name}: {m}")
+    return (tol["atol"] + tol["rtol"] * magnitude) * scale
 
 
 def cancelling_sum_scale(num_terms: int) -> float:

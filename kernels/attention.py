@@ -836,11 +836,6 @@ class FoldedMLP:
         w3, b3 = self.layers[1] if len(self.layers) >= 2 else (self.dummy, self.dummy)
         return w2, b2, w3, b3
 
-    def hidden_constexprs(self) -> Dict[str, int]:
-        sizes = self.hidden + [1] * (3 - len(self.hidden))
-        return dict(H1=sizes[0], H1P=_padded(sizes[0]), H2=sizes[1], H2P=_padded(sizes[1]),
-                    H3=sizes[2], H3P=_padded(sizes[2]), HMAX=self.hmax, NUM_HIDDEN=len(self.hidden))
-
 
 class _ForwardLaunch(NamedTuple):
     """Launch options of one forward (or Dice statistics) launch."""
@@ -1044,11 +1039,19 @@ def _activation_code(activation: str, gate_bias: bool) -> int:
     return DICE_AFFINE_CODE if activation == "dice" and gate_bias else ACTIVATION_CODES[activation]
 
 
+def _shape_constexprs(dim: int, hidden: Sequence[int], act_code: int, normalization: str, has_mask: bool,
+                      dtype: torch.dtype) -> dict:
+    """The constexprs both kernels share: sizes (absent layers as width 1) and options."""
+    sizes = list(hidden) + [1] * (3 - len(hidden))
+    return dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]), H2=sizes[1], H2P=_padded(sizes[1]),
+                H3=sizes[2], H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden), ACT=act_code,
+                NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask, IEEE=dtype == torch.float32)
+
+
 def _common_constexprs(mlp: FoldedMLP, normalization: str, activation: str, has_mask: bool,
                        dtype: torch.dtype) -> dict:
-    return dict(D=mlp.dim, DP=_padded(mlp.dim), **mlp.hidden_constexprs(),
-                ACT=_activation_code(activation, mlp.gate_bias),
-                NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask, IEEE=dtype == torch.float32)
+    return _shape_constexprs(mlp.dim, mlp.hidden, _activation_code(activation, mlp.gate_bias), normalization,
+                             has_mask, dtype)
 
 
 def _padded_hidden(constexprs: dict) -> List[int]:
@@ -1288,13 +1291,7 @@ def _aot_specs() -> List[dict]:
             for activation, act_code in _SPEC_ACTIVATIONS.items():
                 for normalization in NORMALIZATION_CODES:
                     for has_mask in (False, True):
-                        sizes = list(hidden) + [1] * (3 - len(hidden))
-                        constexprs = dict(D=dim, DP=_padded(dim), H1=sizes[0], H1P=_padded(sizes[0]),
-                                          H2=sizes[1], H2P=_padded(sizes[1]), H3=sizes[2],
-                                          H3P=_padded(sizes[2]), HMAX=max(hidden), NUM_HIDDEN=len(hidden),
-                                          ACT=act_code,
-                                          NORM=NORMALIZATION_CODES[normalization], HAS_MASK=has_mask,
-                                          IEEE=dtype == torch.float32)
+                        constexprs = _shape_constexprs(dim, hidden, act_code, normalization, has_mask, dtype)
                         dtype_name = str(dtype).split('.')[-1]
                         layers = ", 3 layers" if len(hidden) == 3 else ""
                         tag = (f"{dtype_name}_d{dim}_h{'x'.join(map(str, hidden))}_{activation}_"
