@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _validation as V
+from ._attention_shapes import kernel_unsupported
 from .backend import get_op, resolve_backend
 
 Tensor = torch.Tensor
@@ -71,25 +72,11 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
 
 
 _SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
-# The shapes the attention kernels are built and compile-gated for (D and every hidden width pad
-# to at most 256 lanes); "auto" sends larger ones to the torch backend.
-ATTENTION_KERNEL_MAX_DIM = 256
-ATTENTION_KERNEL_MAX_WIDTH = 256
-ATTENTION_KERNEL_MAX_HIDDEN_LAYERS = 3
 
 
 def _attention_kernel_unsupported(dim: int, weights: Sequence[Tensor]) -> Optional[str]:
-    """What of this MLP the attention kernels do not take, or None."""
-    hidden = [int(w.shape[0]) for w in weights[:-1]]
-    if dim > ATTENTION_KERNEL_MAX_DIM:
-        return f"embedding size D={dim} (the attention kernels take D up to {ATTENTION_KERNEL_MAX_DIM})"
-    if len(hidden) > ATTENTION_KERNEL_MAX_HIDDEN_LAYERS:
-        return (f"{len(hidden)} hidden layers (the attention kernels take 1 to "
-                f"{ATTENTION_KERNEL_MAX_HIDDEN_LAYERS})")
-    if max(hidden) > ATTENTION_KERNEL_MAX_WIDTH:
-        return (f"hidden widths {tuple(hidden)} (the attention kernels take widths up to "
-                f"{ATTENTION_KERNEL_MAX_WIDTH})")
-    return None
+    """What of this MLP the attention kernels do not take (``din_fast._attention_shapes``), or None."""
+    return kernel_unsupported(dim, [w.shape[0] for w in weights[:-1]])
 
 
 def _training_process_group(process_group, training: bool) -> dict:

@@ -25,11 +25,10 @@ Everything is computed in fp32 after loading. ``tl.dot`` runs as 3xTF32 for fp32
 fp32 accuracy, so results meet the fp32 tolerances; plain IEEE fp32 dots compile to far more
 registers) and as TF32 for 16-bit inputs (exact for their mantissas, fp32 accumulation).
 
-Activation codes: 0 sigmoid, 1 relu, 2 prelu (per-channel weight), 3 dice, 4 dice with the
-affine gate. The kernels see Dice's gate as ``sigmoid((z - mean) * scale + bias)`` per channel,
-``scale = weight * rstd`` (code 3: ``scale = rstd``, no bias), with the running statistics
-(inference) or the batch statistics (training). Centring before scaling keeps the gate exact
-where rstd is large (a channel of zero batch variance has rstd ``1/sqrt(eps)``).
+Activation codes: 0 sigmoid, 1 relu, 2 prelu (per-channel weight), 3 dice, 4 dice with the affine gate. The
+kernels see Dice's gate as ``sigmoid((z - mean) * scale + bias)`` per channel, ``scale = weight * rstd`` (code 3:
+``scale = rstd``, no bias), with the running statistics (inference) or the batch statistics (training). Centring
+before scaling keeps the gate exact where rstd is large (zero batch variance gives rstd ``1/sqrt(eps)``).
 
 Training-mode Dice (DESIGN §2): the batch statistics of hidden layer l's pre-activation need the
 layers below it with their own batch statistics, so the forward runs a statistics pass per Dice
@@ -56,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast._attention_shapes import GATED_SHAPES
 from din_fast.kernels._jit import jit_unspecialized
 from din_fast.kernels.dice import _merge_moments
 
@@ -1247,12 +1247,6 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
 # ----------------------------------------------------------------------------------------------
 
 _DTYPE_SIG = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-# (D, hidden) of the compiled specs: small shapes, one for each padded D below the benchmarks'
-# (16, 32; D padded and not), every D of the benchmarks with each hidden shape, and the largest D
-# the kernels take (256) with the paper's.
-_CANONICAL_SHAPES = ((8, (12, 8)), (16, (32,)), (24, (40, 12, 6)), (32, (32, 16))) + tuple(
-    (dim, hidden) for dim in (36, 64, 128) for hidden in ((80, 40), (64, 16), (80, 40, 20), (200,))
-) + ((256, (80, 40)),)
 _SPEC_ACTIVATIONS = dict(ACTIVATION_CODES, dice_affine=DICE_AFFINE_CODE)
 
 
@@ -1278,7 +1272,9 @@ def _pass_name(launch: _BackwardLaunch) -> str:
     return prefix + ("p0s" if launch.phase == 0 else f"p{launch.phase}")
 
 
-def _aot_specs() -> List[dict]:
+def _aot_specs(shapes: Sequence[Tuple[int, Sequence[int]]] = GATED_SHAPES) -> List[dict]:
+    """Every launch of the attention kernels for the (D, hidden) ``shapes``, for each dtype,
+    activation, normalization and mask (a specs file for the gate may probe other shapes)."""
     specs = []
     index_types = {"mask_ptr": "*u8", "span_ptr": "*i32", "stat_count_ptr": "*i32"}
     forward_scalars = dict(T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32", softmax_scale="fp32")
@@ -1287,7 +1283,7 @@ def _aot_specs() -> List[dict]:
     for dtype, io in _DTYPE_SIG.items():
         forward_pointers = dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types)
         backward_pointers = dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types)
-        for dim, hidden in _CANONICAL_SHAPES:
+        for dim, hidden in shapes:
             for activation, act_code in _SPEC_ACTIVATIONS.items():
                 for normalization in NORMALIZATION_CODES:
                     for has_mask in (False, True):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from din_fast import functional, reference
+from din_fast._attention_shapes import KERNEL_ENVELOPE
 from din_fast.testing import assert_close, cancelling_sum_scale, nan_filled
 
 triton = pytest.importorskip("triton")
@@ -230,10 +231,26 @@ def test_float64_is_refused():
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
 
 
+@pytest.mark.parametrize("edge", [bound for bounds in KERNEL_ENVELOPE.values() for bound in bounds])
+def test_the_largest_shapes_the_kernels_take_match_the_reference(edge):
+    # Each number of hidden layers at the edge of the gated envelope: D and every width at their
+    # largest, unpadded, in training Dice (every pass of the kernels).
+    dim, hidden = edge[0], edge[1:]
+    assert functional._attention_kernel_unsupported(dim, [torch.empty(h, 1) for h in (*hidden, 1)]) is None
+    run_and_compare(2, 3, dim, hidden, activation="dice", normalization="softmax", training=True,
+                    lengths=torch.tensor([3, 2], device=DEVICE))
+
+
 @pytest.mark.parametrize("dim,hidden,pattern", [
-    (257, (8,), "embedding size D=257"),
+    (257, (8,), r"D=257 with hidden widths \(8,\) \(with 1 hidden layer the attention kernels take D <= 256 "
+                r"with widths up to 256\)"),
     (8, (8, 8, 8, 8), "4 hidden layers"),
-    (8, (257, 8), r"hidden widths \(257, 8\)"),
+    (8, (129, 8), r"hidden widths \(129, 8\) \(with 2 hidden layers the attention kernels take D <= 256 with "
+                  r"widths up to 128, 64\)"),
+    (8, (8, 65), r"hidden widths \(8, 65\)"),
+    (36, (200, 80, 40), r"hidden widths \(200, 80, 40\) \(with 3 hidden layers the attention kernels take "
+                        r"D <= 256 with widths up to 128, 64, 32\)"),
+    (8, (8, 8, 33), r"hidden widths \(8, 8, 33\)"),
 ])
 def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hidden, pattern):
     query, keys = torch.randn(2, dim, device=DEVICE), torch.randn(2, 3, dim, device=DEVICE)
