@@ -24,12 +24,13 @@ GATED_SHAPES: Tuple[Tuple[int, Tuple[int, ...]], ...] = (
 )
 
 
-def _padded(n: int) -> int:
+def padded_size(n: int) -> int:
+    """The size ``tl.dot`` works on for a dimension of ``n >= 1``: the next power of two, at least 16."""
     return max(16, 1 << (n - 1).bit_length())
 
 
 def _padded_shape(dim: int, hidden: Sequence[int]) -> Tuple[int, ...]:
-    return (_padded(dim), *map(_padded, hidden))
+    return (padded_size(dim), *map(padded_size, hidden))
 
 
 def _maximal(shapes):

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from din_fast._attention_shapes import GATED_SHAPES
+from din_fast._attention_shapes import GATED_SHAPES, kernel_unsupported, padded_size
 from din_fast.kernels._jit import jit_unspecialized
 from din_fast.kernels.dice import _merge_moments
 
@@ -72,9 +72,9 @@ MAX_REGISTERS = 255
 _NEG_BIG = tl.constexpr(-1.0e30)
 
 
-def _padded(n: int) -> int:
-    """``tl.dot`` needs every dimension to be a power of two and at least 16."""
-    return max(16, triton.next_power_of_2(n))
+# ``tl.dot`` needs every dimension to be a power of two and at least 16; the launchers pad each
+# size as the shape envelope does.
+_padded = padded_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,20 +574,8 @@ def _din_attention_bwd_kernel(
             else:
                 keep = valid
             # Per-channel vectors are re-read each tile (cache hits) to keep registers free.
-            a0, a1, a2, a3 = _act_params(act_ptr, 0, H1, H1P, HMAX)
-            if NUM_HIDDEN >= 2:
-                b2 = _load_vector(b2_ptr, H2, H2P)
-                c0, c1, c2, c3 = _act_params(act_ptr, 1, H2, H2P, HMAX)
-            if NUM_HIDDEN >= 3:
-                b3 = _load_vector(b3_ptr, H3, H3P)
-                e0, e1, e2, e3 = _act_params(act_ptr, 2, H3, H3P, HMAX)
-            if NUM_HIDDEN == 1:
-                wo = _load_vector(wo_ptr, H1, H1P)
-            elif NUM_HIDDEN == 2:
-                wo = _load_vector(wo_ptr, H2, H2P)
-            else:
-                wo = _load_vector(wo_ptr, H3, H3P)
-            bo = tl.load(bo_ptr)
+            a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, bo = _mlp_vectors(
+                act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
             # First layer z1 = u + k M_b, and g . k_t, chunk by chunk over D: the [D, H1] fold is
             # rebuilt from cached weights per chunk because the backward's live [BLOCK_T, H]
             # tiles leave no registers to hold it across tiles.
@@ -802,9 +790,9 @@ class FoldedMLP:
         dim = w1.shape[1] // 4
         self.dim = dim
         self.hidden = [int(w.shape[0]) for w in weights[:-1]]
-        if len(self.hidden) > 3:
-            raise NotImplementedError(f"the triton attention kernels support 1 to 3 hidden layers, "
-                                      f"got {len(self.hidden)}")
+        unsupported = kernel_unsupported(dim, self.hidden)
+        if unsupported:
+            raise NotImplementedError(f"the triton attention kernels do not take {unsupported}")
         w_query, w_key, w_diff, w_prod = w1[:, :dim], w1[:, dim:2 * dim], w1[:, 2 * dim:3 * dim], w1[:, 3 * dim:]
         self.query_fold = (w_query + w_diff).contiguous()          # [H1, D]
         self.key_fold = (w_key - w_diff).t().contiguous()          # [D, H1]
@@ -931,7 +919,7 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
     Dice's training passes on the fp32 forward's (16 for 16-bit inputs, which need the
     registers).
 
-    The choices are the compile gate's, for the canonical shapes on sm_80 and sm_90:
+    The choices are the compile gate's, for the gated shapes on sm_80 and sm_90:
 
     * HC: 32 for a single hidden layer and for fp32 at D > 64, else 16. fp32 with H1 > 64, a
       second layer and D <= 64 sits at the 255-register limit, where ptxas spills a few values

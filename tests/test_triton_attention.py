@@ -259,6 +259,8 @@ def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hi
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
     with pytest.raises(NotImplementedError, match=pattern):
         functional.score_candidates(keys[0], query, weights, biases, backend="triton")
+    with pytest.raises(NotImplementedError, match=pattern):
+        kernels.FoldedMLP(weights, biases, [() for _ in hidden])
     pooled, _ = functional.attention_pooling(query, keys, weights, biases, backend="auto")
     expected, _ = reference.attention_pooling(query, keys, weights, biases)
     assert_close(pooled, expected, torch.float32, "pooled")
