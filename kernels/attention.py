@@ -574,8 +574,20 @@ def _din_attention_bwd_kernel(
             else:
                 keep = valid
             # Per-channel vectors are re-read each tile (cache hits) to keep registers free.
-            a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, bo = _mlp_vectors(
-                act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
+            a0, a1, a2, a3 = _act_params(act_ptr, 0, H1, H1P, HMAX)
+            if NUM_HIDDEN >= 2:
+                b2 = _load_vector(b2_ptr, H2, H2P)
+                c0, c1, c2, c3 = _act_params(act_ptr, 1, H2, H2P, HMAX)
+            if NUM_HIDDEN >= 3:
+                b3 = _load_vector(b3_ptr, H3, H3P)
+                e0, e1, e2, e3 = _act_params(act_ptr, 2, H3, H3P, HMAX)
+            if NUM_HIDDEN == 1:
+                wo = _load_vector(wo_ptr, H1, H1P)
+            elif NUM_HIDDEN == 2:
+                wo = _load_vector(wo_ptr, H2, H2P)
+            else:
+                wo = _load_vector(wo_ptr, H3, H3P)
+            bo = tl.load(bo_ptr)
             # First layer z1 = u + k M_b, and g . k_t, chunk by chunk over D: the [D, H1] fold is
             # rebuilt from cached weights per chunk because the backward's live [BLOCK_T, H]
             # tiles leave no registers to hold it across tiles.
