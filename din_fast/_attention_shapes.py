@@ -34,6 +34,7 @@ def _padded_shape(dim: int, hidden: Sequence[int]) -> Tuple[int, ...]:
 
 
 def _maximal(shapes):
+    """The shapes that no other one of ``shapes`` contains (at least as large in every size)."""
     return sorted(s for s in shapes if not any(o != s and all(a <= b for a, b in zip(s, o)) for o in shapes))
 
 
