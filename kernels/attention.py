@@ -890,7 +890,7 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     else:
         block = 32 if max(dim_p, *hidden_p) <= 128 and (wide or dim_p < 128) and not three_layers else 16
         chunk = dim_p if dim_p <= 128 else 32
-    block = min(block, max(16, triton.next_power_of_2(seq_len)))
+    block = min(block, _padded(seq_len))
     if dtype != torch.float32:
         # From DP * H1P = 128 * 256 up (a held fold, or one built chunk by chunk) the forward
         # sits at the limit, where setting it spills.
