@@ -6,7 +6,7 @@ setup(
     description="Fused Triton kernels and faithful PyTorch modules for the Deep Interest Network (DIN)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=["din_fast", "din_fast.data", "din_fast.integrations", "din_fast.triton_ops", "din_fast.kernels",
               "din_fast.benchmarks"],
     # kernels/ and benchmarks/ are top-level folders of the source tree, installed as

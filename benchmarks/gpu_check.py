@@ -1,19 +1,19 @@
-"""One command for a lent GPU: native kernel tests, full-size checks against float64, benchmarks.
+"""One command for a GPU machine: native kernel tests, full-size checks against float64, benchmarks.
 
-``PYTHONPATH=. python -m benchmarks.gpu_check --out $OUT`` runs from the source tree with no
+``PYTHONPATH=. python -m benchmarks.gpu_check --out OUT_DIR`` runs from the source tree with no
 network, in five stages, and writes everything flat under ``--out`` (9 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
    natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
 2. ``checks.jsonl``: the triton backend against the reference run in float64 on canonical full
-   sizes (attention pooling B=1024 T=100 D=36 with ragged lengths, Dice 409600x40, serving
-   C=200 T=100 D=36, the fused MBA step K=1M D=64 on 4096x101 Zipf ids), in float32, bfloat16 and
-   float16: output and every gradient, as the relative error ``||out - ref|| / ||ref||`` against
+   sizes (attention pooling B=1024 T=100 D=36 with ragged lengths, Dice 409600x40 and serving
+   C=200 T=100 D=36 in float32, bfloat16 and float16; the fused MBA step K=1M D=64 on 4096x101
+   Zipf ids in float32): output and every gradient, as the relative error ``||out - ref|| / ||ref||`` against
    a per-dtype bound; NaN never passes.
 3. ``bench.jsonl``, ``bench.csv``: the benchmark grid of ``benchmarks.run`` (reference,
    torch.compile, torch, triton; forward and forward+backward; float32 and one bfloat16 shape),
-   stopped after ``--bench-budget`` seconds (default 330: the whole command fits in about
-   6 minutes plus compile time).
+   stopped after ``--bench-budget`` seconds (default 330, sized so that the stages' budgets
+   add up to about 6 minutes, compile time not counted).
 4. ``deepctr.jsonl``: DeepCTR-Torch's DIN training throughput before and after
    ``din_fast.integrations.deepctr_torch.patch`` (``benchmarks.deepctr``), when deepctr-torch
    imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.
@@ -49,8 +49,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 # Smooth activations only: with PReLU or ReLU a pre-activation within rounding of 0 can land on
 # the other side of the kink in the fast path, which flips one derivative and moves a gradient
 # row by far more than rounding (seen on the CPU between the fold and the concat form).
-# Relative error bounds against float64, per dtype. fp32 products run in IEEE mode in our
-# kernels (far under 1e-4); 16-bit inputs and outputs carry their own rounding (2^-8, 2^-11).
+# Relative error bounds against float64, per dtype. Our kernels' fp32 products run as 3xTF32
+# (about fp32 accuracy, far under 1e-4); 16-bit inputs and outputs carry their own rounding
+# (2^-8, 2^-11).
 REL_ERR_BOUND = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 
 

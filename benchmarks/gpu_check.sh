@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lent-GPU check from a source tree, no network: kernel tests, float64 checks, benchmarks.
+# The GPU check from a source tree, no network: kernel tests, float64 checks, benchmarks.
 # Usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run] [other benchmarks.gpu_check options]
 set -uo pipefail
 cd "$(dirname "$0")/.."

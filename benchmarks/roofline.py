@@ -1,7 +1,8 @@
 """Floating-point operations and minimum memory traffic of each benchmarked op, and the lower-bound
 time they imply on a GPU.
 
-Counts follow the computation as the fast paths do it (DESIGN §2), not the literal concat form:
+Counts follow the computation as the fast paths do it, with the first layer folded, not the
+literal concat form:
 
 * attention pooling, per sample: the folded first layer's ``M_b = (Wk - Wd)^T + diag(q) Wp^T``
   (``D * H1`` multiply-adds) and ``u_b = q (Wq + Wd)^T + b1`` (``D * H1``); per behaviour:
@@ -44,14 +45,16 @@ class DeviceCeiling:
     bf16_flops: float
 
     def peak_flops(self, dtype: torch.dtype) -> float:
-        """The ceiling for an op computed in ``dtype``: plain fp32 for float32 (our kernels run
-        fp32 products in IEEE mode, and PyTorch's default does too), the 16-bit tensor-core rate
-        for bfloat16 / float16 (the highest the chip offers, so the bound stays a lower bound)."""
+        """The fastest rate at which the chip computes in ``dtype``'s precision, so that the bound
+        stays a lower bound: for float32 the faster of plain fp32 and 3xTF32 on the tensor cores
+        (a third of the TF32 rate; our kernels' fp32 products run as 3xTF32), for bfloat16 /
+        float16 the 16-bit tensor-core rate (above the TF32 rate of our kernels' products on
+        16-bit inputs), for float64 half the plain fp32 rate."""
         if dtype in (torch.bfloat16, torch.float16):
             return self.bf16_flops
         if dtype == torch.float64:
             return self.fp32_flops / 2
-        return self.fp32_flops
+        return max(self.fp32_flops, self.tf32_flops / 3)
 
 
 H200 = DeviceCeiling("NVIDIA H200", bandwidth=4.8e12, fp32_flops=67e12, tf32_flops=495e12, bf16_flops=989e12)

@@ -3,7 +3,7 @@
 ``python -m benchmarks.run [--ops dice,attention,mba,serving] [--quick] [--out results/bench.jsonl]
 [--device cpu|cuda] [--no-compile]``
 
-Providers (DESIGN §5):
+Providers:
 
 * ``reference``: ``din_fast.reference`` run eagerly (the literal math);
 * ``compile``: ``torch.compile`` of that reference (on the CPU Inductor needs a C++ compiler; a
@@ -70,7 +70,7 @@ CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "device_name
 
 
 def default_grid(op: str, device: str, quick: bool, lengths: str = "full") -> List[Dict[str, int]]:
-    """The shapes of ``op``: the full DESIGN §5 grid on CUDA, a smaller one on the CPU; ``quick``
+    """The shapes of ``op``: the full grid on CUDA (``benchmarks/README.md``), a smaller one on the CPU; ``quick``
     keeps the sweeps the plots need (sequence length, embedding size) and little else.
     ``lengths="uniform"`` marks the attention shapes whose valid lengths are drawn uniformly
     from [1, T] instead of all T."""

@@ -19,10 +19,12 @@ Tensor = torch.Tensor
 
 
 def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, like: Tensor,
-                          sizes: Tuple[int, ...] = ()) -> None:
+                          sizes: Tuple[int, ...] = (), same_dtype: bool = False) -> None:
     if value is None:
         return
     V.check_tensor(name, value, ndim=(1,), floating=True)
+    if same_dtype and value.dtype != like.dtype:
+        raise TypeError(f"{name} must have the inputs' dtype {like.dtype}, got {value.dtype}")
     allowed = sizes or (channels,)
     if value.shape[0] not in allowed:
         expected = " or ".join(f"[{n}]" for n in allowed)
@@ -108,6 +110,9 @@ def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[T
         if w.device != like.device or b.device != like.device:
             raise ValueError(f"weights[{i}] and biases[{i}] must be on {like.device} like keys, "
                              f"got {w.device} and {b.device}")
+        if w.dtype != like.dtype or b.dtype != like.dtype:
+            raise TypeError(f"weights[{i}] and biases[{i}] must have keys' dtype {like.dtype}, "
+                            f"got {w.dtype} and {b.dtype}")
         fan_in = w.shape[0]
     if weights[-1].shape[0] != 1:
         raise ValueError(f"the last layer must output one score, got weights[-1] of shape {tuple(weights[-1].shape)}")
@@ -127,7 +132,7 @@ def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[T
                              f"number in every layer, got {len(params)}")
         for j, p in enumerate(params):
             sizes = (width, 1) if activation == "prelu" else (width,)
-            _check_channel_vector(f"act_params[{i}][{j}]", p, width, like, sizes)
+            _check_channel_vector(f"act_params[{i}][{j}]", p, width, like, sizes, same_dtype=True)
     return tuple(tuple(p) for p in act_params)
 
 

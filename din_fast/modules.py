@@ -40,7 +40,8 @@ class Dice(nn.Module):
         backend: see ``din_fast.backend``.
 
     Shape:
-        x: ``[N, C]`` or ``[N, T, C]``; mask: bool ``x.shape[:-1]``; output like x.
+        x: ``[N, C]`` or ``[N, T, C]``, floating (the triton backend: float32, bfloat16 or
+        float16, computed in fp32); mask: bool ``x.shape[:-1]``; output like x, in x's dtype.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False,
@@ -95,8 +96,10 @@ class LocalActivationUnit(nn.Module):
         backend: see ``din_fast.backend``.
 
     Shape:
-        query ``[B, D]`` or ``[B, 1, D]``, keys ``[B, T, D]`` -> scores ``[B, T]``. Dice's training
-        statistics count every position (use ``AttentionPooling`` to exclude padding).
+        query ``[B, D]`` or ``[B, 1, D]``, keys ``[B, T, D]`` -> scores ``[B, T]``. query and keys
+        share one floating dtype (the triton backend: float32, bfloat16 or float16, computed in
+        fp32), the scores have it too. Dice's training statistics count every position (use
+        ``AttentionPooling`` to exclude padding).
     """
 
     def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",
@@ -159,8 +162,9 @@ class AttentionPooling(nn.Module):
 
     Shape:
         query ``[B, D]`` or ``[B, 1, D]``; keys ``[B, T, D]``; lengths ``[B]`` or ``[B, 1]`` ints in
-        ``[0, T]``, or mask ``[B, T]`` bool -> pooled ``[B, D]`` (and weights ``[B, T]`` with
-        ``return_scores=True``).
+        ``[0, T]`` (any integer dtype), or mask ``[B, T]`` bool -> pooled ``[B, D]`` (and weights
+        ``[B, T]`` with ``return_scores=True``). query and keys share one floating dtype (the
+        triton backend: float32, bfloat16 or float16, computed in fp32); the outputs have it too.
     """
 
     def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",
@@ -206,7 +210,8 @@ class MBARegularizer(nn.Module):
     Its gradient, ``lam * w_j / n_j`` on those rows and 0 elsewhere, is exactly eq. 7's term.
 
     Args:
-        counts: ``[K]`` feature frequencies ``n_j >= 1`` (kept as a buffer).
+        counts: ``[K]`` feature frequencies ``n_j >= 1``, any integer or floating dtype (kept
+            as a buffer).
         lam: strength ``lambda >= 0``.
         backend: see ``din_fast.backend``.
     """

@@ -1,7 +1,7 @@
 """The ``torch`` backend: fast pure-PyTorch implementations of every op, for any device.
 
 Same signatures and semantics as ``din_fast.reference``; faster because the first layer of the
-activation unit is folded (DESIGN.md §2):
+activation unit is folded:
 
     h1 = [q, k, q-k, q*k] W1^T + b1 = [q (Wq + Wd)^T + b1] + k [(Wk - Wd)^T + diag(q) Wp^T]
        = u_b + k M_b,

@@ -1,6 +1,6 @@
 """Fused DIN local activation unit (target attention): forward and recomputing backward.
 
-Math (DESIGN §1-2). The first layer ``W1 = [Wq | Wk | Wd | Wp]`` ([H1, 4D], ``nn.Linear``
+The math. The first layer ``W1 = [Wq | Wk | Wd | Wp]`` ([H1, 4D], ``nn.Linear``
 layout) acting on ``[q, k, q - k, q * k]`` folds into
 
     z1 = u_b + k M_b,   u_b = q (Wq + Wd)^T + b1   [H1],   M_b = (Wk - Wd)^T + diag(q) Wp^T   [D, H1]
@@ -30,7 +30,7 @@ kernels see Dice's gate as ``sigmoid((z - mean) * scale + bias)`` per channel, `
 ``scale = rstd``, no bias), with the running statistics (inference) or the batch statistics (training). Centring
 before scaling keeps the gate exact where rstd is large (zero batch variance gives rstd ``1/sqrt(eps)``).
 
-Training-mode Dice (DESIGN §2): the batch statistics of hidden layer l's pre-activation need the
+Training-mode Dice: the batch statistics of hidden layer l's pre-activation need the
 layers below it with their own batch statistics, so the forward runs a statistics pass per Dice
 layer (the forward kernel with ``STAT_LAYER = l``: it recomputes up to layer l and writes the
 sample's fp32 count, mean and centred sum of squares, tile moments merged with Chan's formula),
@@ -1025,9 +1025,12 @@ def _backward_launches(constexprs: dict, dice_mode: int) -> List[_BackwardLaunch
 
 def sequence_span(batch: int, seq_len: int, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                   device) -> torch.Tensor:
-    """int32 ``[B]``: one past each sample's last valid position (computed on the device, no sync)."""
+    """int32 ``[B]``: one past each sample's last valid position (computed on the device, no sync).
+
+    ``lengths`` are clamped to ``[0, T]``: where their range cannot be checked (``torch.compile``,
+    CUDA-graph capture) no value reaches the kernels that would index outside the sample."""
     if lengths is not None:
-        return lengths.to(torch.int32)
+        return lengths.clamp(0, seq_len).to(torch.int32).contiguous()
     if mask is not None:
         positions = torch.arange(1, seq_len + 1, device=device, dtype=torch.int32)
         return torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1).to(torch.int32) \

@@ -1,4 +1,4 @@
-"""Compile gate (DESIGN §4 tier 3): kernels compiled ahead of time for sm_80 and sm_90, no spills.
+"""Compile gate: kernels compiled ahead of time for sm_80 and sm_90, no spills.
 
 The gate runs in a subprocess with ``TRITON_INTERPRET`` removed from its environment: this
 conftest sets it, and under the interpreter ``@triton.jit`` makes functions that cannot be

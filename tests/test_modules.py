@@ -231,6 +231,27 @@ def test_attention_bad_mask_and_options():
         din_fast.AttentionPooling(4, hidden_units=(8, 0))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("culprit", ["weights", "act_params"])
+def test_mlp_parameters_in_another_dtype_are_named(backend, culprit):
+    # The parameters must share the inputs' dtype on every backend, as nn.Linear's do.
+    query, keys = torch.randn(2, 4), torch.randn(2, 3, 4)
+    weights, biases = [torch.randn(3, 16), torch.randn(1, 3)], [torch.randn(3), torch.randn(1)]
+    act_params = [(torch.full((3,), 0.25),)]
+    if culprit == "weights":
+        weights[0] = weights[0].double()
+        pattern = r"weights\[0\] and biases\[0\] must have keys' dtype torch.float32, got torch.float64"
+    else:
+        act_params = [(act_params[0][0].double(),)]
+        pattern = r"act_params\[0\]\[0\] must have the inputs' dtype torch.float32, got torch.float64"
+    for call in (lambda: F.attention_pooling(query, keys, weights, biases, activation="prelu", act_params=act_params,
+                                             backend=backend),
+                 lambda: F.score_candidates(keys[0], query, weights, biases, activation="prelu",
+                                            act_params=act_params, backend=backend)):
+        with pytest.raises(TypeError, match=pattern):
+            call()
+
+
 def test_tensors_on_different_devices_are_named():
     # The meta device stands in for a second device on a CPU-only machine.
     with pytest.raises(ValueError, match="query on meta, keys on cpu"):

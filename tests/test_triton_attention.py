@@ -188,6 +188,15 @@ def test_direct_triton_op_call():
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_lengths_out_of_range_act_clamped_where_unchecked(normalization):
+    # Under torch.compile the range check cannot read lengths; the kernels then take them clamped
+    # to [0, T], as the reference's mask does, never reading or writing past a sample. A strided
+    # int32 lengths tensor is read element by element, not as contiguous memory.
+    lengths = torch.tensor([9, 0, -40, 0, 2, 0], dtype=torch.int32, device=DEVICE)[::2]
+    run_and_compare(3, 5, 18, (12, 8), normalization=normalization, api="triton_ops", lengths=lengths)
+
+
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
 def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
     batch, seq_len, dim, hidden = 3, 37, 18, (12, 8)
     query = torch.randn(batch, dim, device=DEVICE)
@@ -222,6 +231,31 @@ def test_score_candidates_matches_reference(activation, normalization):
     assert pooled.shape == (num_candidates, dim) and attn.shape == (num_candidates, seq_len)
     assert_close(pooled, ref_pooled, torch.float32, "pooled")
     assert_close(attn, ref_attn, torch.float32, "weights")
+
+
+def test_score_candidates_with_a_transposed_history():
+    seq_len, num_candidates, dim, hidden = 7, 4, 18, (12, 8)
+    history = torch.randn(dim, seq_len, device=DEVICE).t()
+    candidates = torch.randn(num_candidates, dim, device=DEVICE)
+    weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
+    pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton")
+    ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
+                                                      [w.double() for w in weights], [b.double() for b in biases])
+    assert_close(pooled, ref_pooled, torch.float32, "pooled")
+    assert_close(attn, ref_attn, torch.float32, "weights")
+
+
+def test_keys_whose_offsets_overflow_int32_are_made_contiguous():
+    # The kernels form a position's offset t * stride in int32: a view whose offsets within a
+    # sample (or whose batch stride) pass 2**31 - 1 is copied first. Meta tensors: strides only.
+    def keys(*strides):
+        return torch.empty_strided((2, 3, 8), strides, device="meta")
+
+    assert triton_attention._indexable(keys(24, 8, 1))
+    assert triton_attention._indexable(keys(0, 8, 1))
+    assert not triton_attention._indexable(keys(24, 8, 2))
+    assert not triton_attention._indexable(keys(8, 2 ** 30, 1))
+    assert not triton_attention._indexable(keys(2 ** 31, 8, 1))
 
 
 def test_float64_is_refused():
@@ -286,11 +320,16 @@ def test_torch_compile_traces_without_graph_breaks():
     assert_close(grad, want_grad.double(), torch.float32, "grad query")
 
 
-@pytest.mark.parametrize("activation,training", [("sigmoid", False), ("dice", True)])
-def test_custom_ops_pass_opcheck(activation, training):
+@pytest.mark.parametrize("activation,training,transposed", [("sigmoid", False, False), ("dice", True, False),
+                                                             ("sigmoid", False, True)])
+def test_custom_ops_pass_opcheck(activation, training, transposed):
     query = torch.randn(2, 18, device=DEVICE)
     keys = torch.randn(2, 4, 18, device=DEVICE)
     weights, biases, act_params = make_mlp(18, (12, 6), activation, torch.float32, affine=training)
+    if transposed:
+        # The gradients are contiguous whatever the inputs' strides; the fake kernels say so too.
+        query = query.t().contiguous().t()
+        weights = [w.t().contiguous().t() for w in weights]
     act_flat = [p for layer in act_params for p in layer]
     args = (query, keys, weights, biases, torch.tensor([4, 1], device=DEVICE), None, act_flat, activation, "softmax",
             1.0, 1e-8, training, "valid")

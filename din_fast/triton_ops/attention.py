@@ -26,6 +26,9 @@ Tensor = torch.Tensor
 
 _PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels take strides as int32 and form a position's offset as ``t * stride`` in int32
+# (only the sample's offset is widened).
+_INT32_MAX = 2 ** 31 - 1
 
 
 def _dice_layers(hidden: Sequence[int], act_flat: Sequence[Tensor]) -> List[Sequence[Tensor]]:
@@ -55,20 +58,29 @@ def _act_vectors(activation: str, hidden: Sequence[int], act_flat: Sequence[Tens
     return [() for _ in hidden]
 
 
+def _indexable(t: Tensor) -> bool:
+    """Whether the kernels can index ``t`` (``[B, D]`` or ``[B, T, D]``) as it is: a unit last
+    stride, and the batch stride and every offset within a sample in int32."""
+    within_sample = sum(stride * (size - 1) for stride, size in zip(t.stride()[1:], t.shape[1:]))
+    return t.stride(-1) == 1 and t.stride(0) <= _INT32_MAX and within_sample <= _INT32_MAX
+
+
 def _prepare(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],
              lengths: Optional[Tensor], mask: Optional[Tensor], activation: str, act_flat: Sequence[Tensor],
              eps: float, batch_statistics: bool):
-    """Contiguous inputs, the folded MLP (Dice layers with batch statistics get their vectors
-    later) and the span."""
-    if query.stride(-1) != 1:
+    """Inputs the kernels can index (unit last stride, strides and offsets within int32), the
+    folded MLP (Dice layers with batch statistics get their vectors later) and the span."""
+    if not _indexable(query):
         query = query.contiguous()
-    if keys.stride(-1) != 1:
+    if not _indexable(keys):
         keys = keys.contiguous()
+    batch, seq_len, dim = keys.shape
+    if seq_len * dim > _INT32_MAX:
+        raise ValueError(f"the triton backend takes keys with T * D < 2**31 per sample, got T={seq_len}, D={dim}")
     hidden = [int(w.shape[0]) for w in weights[:-1]]
     act_vectors = [() for _ in hidden] if batch_statistics else _act_vectors(activation, hidden, act_flat, eps)
     mlp = _k.FoldedMLP(weights, biases, act_vectors,
                        gate_bias=activation == "dice" and len(act_flat) == 5 * len(hidden))
-    batch, seq_len, _ = keys.shape
     span = _k.sequence_span(batch, seq_len, lengths, mask, keys.device)
     return query, keys, mlp, span
 
@@ -188,7 +200,8 @@ def _attention_pooling_bwd(query: Tensor, keys: Tensor, weights: List[Tensor], b
             out.append((act_grad if param.shape[0] == act_grad.shape[0] else act_grad.sum().reshape(1)).to(param.dtype))
     elif activation == "dice":
         for i, params in enumerate(_dice_layers(hidden, act_flat)):
-            out += [grads["act"][i].to(params[0].dtype), torch.zeros_like(params[1]), torch.zeros_like(params[2])]
+            out += [grads["act"][i].to(params[0].dtype), params[1].new_zeros(params[1].shape),
+                    params[2].new_zeros(params[2].shape)]
             if len(params) == 5:
                 # gate = sigmoid(weight * (z - mean) * rstd + bias): dweight = rstd S1, dbias = S0.
                 gate_bias, gate_centred = grads["gate"][i]
@@ -201,9 +214,8 @@ def _attention_pooling_bwd(query: Tensor, keys: Tensor, weights: List[Tensor], b
 def _(query, keys, weights, biases, lengths, mask, act_flat, pooled, attn_weights, row_max, row_sum, dice_mean,
       dice_var, dice_count, grad_pooled, grad_weights, activation, normalization, softmax_scale, eps, training,
       dice_stats):
-    return ([torch.empty_like(query), torch.empty_like(keys, memory_format=torch.contiguous_format)]
-            + [torch.empty_like(w) for w in weights] + [torch.empty_like(b) for b in biases]
-            + [torch.empty_like(p) for p in act_flat])
+    # Contiguous like the real op's gradients, whatever the inputs' strides.
+    return [t.new_empty(t.shape) for t in (query, keys, *weights, *biases, *act_flat)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -292,6 +304,9 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     The history is handed to the kernel as a batch-stride-0 view, so every program reads the
     same ``[T, D]`` rows and no per-candidate copy exists.
     """
+    if history.stride(-1) != 1:
+        # Made contiguous once here: the launcher would copy the expanded view per candidate.
+        history = history.contiguous()
     keys = history[None].expand(candidates.shape[0], -1, -1)
     return attention_pooling(candidates, keys, weights, biases, activation=activation, act_params=act_params,
                              normalization=normalization, softmax_scale=softmax_scale, training=False, eps=eps)
