@@ -6,11 +6,13 @@ import torch
 from din_fast import functional as F
 from din_fast import reference as R
 from din_fast import torch_ops
-from din_fast.testing import assert_close, float64_copies, random_attention_mlp
+from din_fast.testing import (assert_close, assert_padding_is_zero, float64_copies, nan_filled_allocations,
+                              random_attention_mlp)
 
 DTYPES = [torch.float32, torch.float64]
 
-# (B, T, D, hidden, lengths): D = 18, 36, 64; T = 1; lengths 0 and T; B = 1.
+# (B, T, D, hidden, lengths): D = 1, 18, 36, 64, 256; T = 1; lengths 0 and T, all 0; B = 1; one to
+# three hidden layers.
 ATTENTION_SHAPES = [
     (3, 5, 18, (80, 40), [5, 0, 2]),
     (1, 1, 36, (64, 16), [1]),
@@ -18,6 +20,9 @@ ATTENTION_SHAPES = [
     (4, 7, 64, (80, 40), [7, 7, 3, 1]),
     (1, 6, 18, (200,), [6]),
     (3, 4, 36, (8, 5, 3), [0, 0, 0]),
+    (3, 4, 36, (24, 10, 6), [4, 0, 2]),
+    (2, 3, 1, (10,), [3, 1]),
+    (2, 5, 256, (16, 8), [5, 2]),
 ]
 
 
@@ -87,37 +92,95 @@ def test_attention_pooling_matches_reference(dtype, shape, activation, normaliza
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
                                            ref_act, **options)
-    assert_close(pooled, ref_pooled, dtype, "pooled")
-    assert_close(attn, ref_attn, dtype, "weights")
-    for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
-        assert_close(g, ref_g, dtype, f"gradient {i}")
+    _compare(dtype, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
+    valid = torch.arange(keys.shape[1])[None, :] < lengths[:, None]
+    # Statistics over all positions carry gradient to the padding keys, and the query's with them.
+    through_statistics = activation == "dice" and training and dice_stats == "all"
+    assert_padding_is_zero(valid, pooled, attn, *((None, None) if through_statistics else grads[:2]))
+
+
+def _compare(dtype, results, ref_results, act_params, ref_act):
+    """pooled, weights, every gradient and the running statistics against the reference's."""
+    for name, got, want in zip(["pooled", "weights"] + [f"gradient {i}" for i in range(len(results) - 2)],
+                               results, ref_results):
+        assert_close(got, want, dtype, name)
     for layer, ref_layer in zip(act_params, ref_act):
         for stat, ref_stat in zip(layer[1:3], ref_layer[1:3]):
             assert_close(stat, ref_stat, dtype, "running statistic")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_pooling_bool_mask_equals_lengths(dtype):
-    query, keys, weights, biases, act_params, lengths = _attention_case(ATTENTION_SHAPES[3], "prelu", dtype)
-    mask = torch.arange(keys.shape[1])[None] < lengths[:, None]
-    by_lengths = torch_ops.attention_pooling(query, keys, weights, biases, lengths=lengths, activation="prelu",
-                                             act_params=act_params)
-    by_mask = torch_ops.attention_pooling(query, keys, weights, biases, mask=mask, activation="prelu",
-                                          act_params=act_params)
-    for a, b in zip(by_lengths, by_mask):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+@pytest.mark.parametrize("valid_fraction", [0.9, 0.4], ids=["folded", "packed"])
+@pytest.mark.parametrize("activation,training", [("prelu", False), ("dice", True)])
+def test_attention_pooling_bool_mask_with_holes(dtype, valid_fraction, activation, training):
+    # More than 3/4 valid goes through the per-sample fold, less through the packed valid rows.
+    batch, seq_len, dim, hidden = 4, 10, 18, (12, 8)
+    mask = torch.rand(batch, seq_len) < valid_fraction
+    mask[1] = False
+    case = _attention_case((batch, seq_len, dim, hidden, [0] * batch), activation, dtype)
+    query, keys, weights, biases, act_params, _ = case
+    ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
+    options = dict(mask=mask, activation=activation, normalization="softmax", training=training,
+                   eps=_dice_eps(dtype, training))
+    pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
+    ref_results = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases, ref_act, **options)
+    ref_results = (ref_results[0], ref_results[1], *ref_results[2])
+    _compare(dtype, (pooled, attn, *grads), ref_results, act_params, ref_act)
+    assert_padding_is_zero(mask, pooled, attn, *grads[:2])
+
+
+def test_shared_prelu_slope():
+    # One slope [1] for every channel of a layer, as nn.PReLU() has: its gradient sums them all.
+    case = _attention_case((3, 5, 18, (12, 8), [5, 0, 2]), "prelu", torch.float32)
+    query, keys, weights, biases, act_params, lengths = case
+    act_params = [(torch.full((1,), 0.3, requires_grad=True),) for _ in act_params]
+    ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies([query, keys, weights, biases, act_params])
+    options = dict(lengths=lengths, activation="prelu", normalization="softmax")
+    pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
+    ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
+                                           ref_act, **options)
+    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
+
+
+@pytest.mark.parametrize("dice_stats", ["valid", "all"])
+def test_dice_training_statistics_of_a_large_batch(dice_stats):
+    # 16 x 200 positions: a statistic off by one position would show in float32.
+    lengths = torch.randint(0, 201, (16,))
+    case = _attention_case((16, 200, 18, (16, 8), lengths.tolist()), "dice", torch.float32)
+    query, keys, weights, biases, act_params, lengths = case
+    ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
+    options = dict(lengths=lengths, activation="dice", normalization="none", training=True, dice_stats=dice_stats,
+                   eps=1e-3)
+    pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
+    ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
+                                           ref_act, **options)
+    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
+
+
+@pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("dice", False)])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_every_allocation_filled_with_nan_first(activation, dice_affine, normalization):
+    # Every buffer the torch backend allocates with torch.empty* starts as NaN (integers as
+    # -12345), forward and backward: an element left unwritten would reach an output.
+    with nan_filled_allocations():
+        test_attention_pooling_matches_reference(torch.float32, ATTENTION_SHAPES[0], activation, normalization,
+                                                 0.5, True, "valid", dice_affine)
+        test_attention_pooling_matches_reference(torch.float32, ATTENTION_SHAPES[3], activation, normalization,
+                                                 0.5, True, "valid", dice_affine)
+        test_score_candidates_matches_reference(torch.float32, activation, dice_affine, normalization, 0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
-@pytest.mark.parametrize("normalization", ["none", "softmax"])
-def test_score_candidates_matches_reference(dtype, activation, normalization):
-    weights, biases, act_params = random_attention_mlp(36, (80, 40), activation, dtype)
+@pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("relu", False), ("prelu", False),
+                                                    ("dice", False), ("dice", True)])
+@pytest.mark.parametrize("normalization,softmax_scale", [("none", 1.0), ("softmax", 1.0), ("softmax", 0.4)])
+def test_score_candidates_matches_reference(dtype, activation, dice_affine, normalization, softmax_scale):
+    weights, biases, act_params = random_attention_mlp(36, (80, 40), activation, dtype, dice_affine=dice_affine)
     history, candidates = torch.randn(9, 36, dtype=dtype), torch.randn(5, 36, dtype=dtype)
-    pooled, attn = torch_ops.score_candidates(history, candidates, weights, biases, activation=activation,
-                                              act_params=act_params, normalization=normalization)
-    ref = R.score_candidates(*float64_copies([history, candidates, weights, biases]), activation=activation,
-                             act_params=float64_copies(act_params), normalization=normalization)
+    options = dict(activation=activation, normalization=normalization, softmax_scale=softmax_scale)
+    pooled, attn = torch_ops.score_candidates(history, candidates, weights, biases, act_params=act_params, **options)
+    ref = R.score_candidates(*float64_copies([history, candidates, weights, biases]),
+                             act_params=float64_copies(act_params), **options)
     assert_close(pooled, ref[0], dtype, "pooled")
     assert_close(attn, ref[1], dtype, "weights")
 

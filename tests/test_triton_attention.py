@@ -7,7 +7,8 @@ import torch
 
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE
-from din_fast.testing import assert_close, cancelling_sum_scale, nan_filled
+from din_fast.testing import (assert_close, assert_padding_is_zero, cancelling_sum_scale, nan_filled,
+                              nan_filled_allocations)
 
 triton = pytest.importorskip("triton")
 
@@ -110,6 +111,11 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
             assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
             assert_close(layer[2], ref_layer[2], dtype, f"running_var[{i}]")
+    if lengths is not None or mask is not None:
+        valid = mask if mask is not None else torch.arange(seq_len, device=DEVICE)[None, :] < lengths[:, None]
+        # Statistics over all positions carry gradient to the padding keys, and the query's with them.
+        through_statistics = activation == "dice" and training and dice_stats == "all"
+        assert_padding_is_zero(valid, pooled, attn, *((None, None) if through_statistics else grads[:2]))
     return pooled, attn, grads
 
 
@@ -177,9 +183,51 @@ def test_all_padding_gives_zero_output_and_zero_gradients(normalization):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype):
-    run_and_compare(2, 5, 18, (12, 8), activation="prelu", normalization="softmax", dtype=dtype,
-                    lengths=torch.tensor([5, 2], device=DEVICE))
+@pytest.mark.parametrize("seq_len,hidden,activation,normalization,affine", [
+    (5, (12, 8), "prelu", "softmax", False),
+    (5, (12, 8), "relu", "none", False),
+    (5, (12, 8), "sigmoid", "none", False),
+    (40, (16, 8), "dice", "softmax", False),  # Dice on running statistics, across tiles
+    (5, (12,), "dice", "none", True),
+    (1, (24, 10, 6), "prelu", "softmax", False),
+])
+def test_half_precision_inputs(dtype, seq_len, hidden, activation, normalization, affine):
+    run_and_compare(3, seq_len, 18, hidden, activation=activation, normalization=normalization, affine=affine,
+                    dtype=dtype, lengths=torch.tensor([seq_len, 0, 1], device=DEVICE))
+
+
+def test_half_precision_mask_with_holes():
+    mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, False],
+                         [False, True, False, False, True]], device=DEVICE)
+    run_and_compare(3, 5, 18, (12, 8), activation="sigmoid", normalization="softmax", dtype=torch.bfloat16,
+                    mask=mask)
+
+
+def test_longest_sequence():
+    # T = 4096, the longest length the launch rules name: 128 forward and 256 backward tiles.
+    run_and_compare(2, 4096, 8, (8,), activation="sigmoid", normalization="softmax",
+                    lengths=torch.tensor([4096, 1000], device=DEVICE))
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "relu softmax across tiles", "dice training, 3 layers", "bfloat16 prelu",
+                                  "all lengths 0"])
+def test_every_allocation_filled_with_nan_first(case):
+    # Every buffer the launchers allocate with torch.empty* starts as NaN (integers as -12345),
+    # forward and backward: an element left unwritten would reach an output or a gradient.
+    lengths = {"relu softmax across tiles": [40, 21], "all lengths 0": [0, 0]}.get(case, [5, 0])
+    options = {
+        "sigmoid": dict(seq_len=5, hidden=(20, 12), activation="sigmoid"),
+        "relu softmax across tiles": dict(seq_len=40, hidden=(16, 8), activation="relu", normalization="softmax"),
+        "dice training, 3 layers": dict(seq_len=5, hidden=(40, 12, 6), activation="dice", normalization="softmax",
+                                        training=True, affine=True),
+        "bfloat16 prelu": dict(seq_len=5, hidden=(12, 8), activation="prelu", normalization="softmax",
+                               dtype=torch.bfloat16),
+        "all lengths 0": dict(seq_len=4, hidden=(12,), activation="sigmoid", normalization="softmax"),
+    }[case]
+    seq_len = options.pop("seq_len")
+    hidden = options.pop("hidden")
+    with nan_filled_allocations():
+        run_and_compare(2, seq_len, 18, hidden, lengths=torch.tensor(lengths, device=DEVICE), **options)
 
 
 def test_direct_triton_op_call():
@@ -216,19 +264,38 @@ def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
     assert_close(attn, ref_attn, torch.float32, "weights")
 
 
-@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("dice", "softmax"), ("prelu", "softmax")])
-def test_score_candidates_matches_reference(activation, normalization):
+@pytest.mark.parametrize("activation,normalization,affine,dtype", [
+    ("sigmoid", "none", False, torch.float32), ("relu", "softmax", False, torch.float32),
+    ("prelu", "softmax", False, torch.float32), ("dice", "softmax", False, torch.float32),
+    ("dice", "none", True, torch.float32), ("sigmoid", "softmax", False, torch.bfloat16),
+])
+def test_score_candidates_matches_reference(activation, normalization, affine, dtype):
     seq_len, num_candidates, dim, hidden = 6, 5, 18, (12, 8)
-    history = torch.randn(seq_len, dim, device=DEVICE)
-    candidates = torch.randn(num_candidates, dim, device=DEVICE)
-    weights, biases, act_params = make_mlp(dim, hidden, activation, torch.float32)
+    history = torch.randn(seq_len, dim, device=DEVICE).to(dtype)
+    candidates = torch.randn(num_candidates, dim, device=DEVICE).to(dtype)
+    weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, affine=affine)
     options = dict(activation=activation, act_params=act_params, normalization=normalization, softmax_scale=0.6)
-    pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton", **options)
+    with nan_filled_allocations():
+        pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton",
+                                                   **options)
     ref_options = dict(options, act_params=[tuple(p.double() for p in layer) for layer in act_params])
     ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
                                                       [w.double() for w in weights], [b.double() for b in biases],
                                                       **ref_options)
     assert pooled.shape == (num_candidates, dim) and attn.shape == (num_candidates, seq_len)
+    assert pooled.dtype == dtype and attn.dtype == dtype
+    assert_close(pooled, ref_pooled, dtype, "pooled")
+    assert_close(attn, ref_attn, dtype, "weights")
+
+
+def test_score_candidates_single_position_and_single_candidate():
+    history, candidates = torch.randn(1, 18, device=DEVICE), torch.randn(1, 18, device=DEVICE)
+    weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
+    pooled, attn = functional.score_candidates(history, candidates, weights, biases, normalization="softmax",
+                                               backend="triton")
+    ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
+                                                      [w.double() for w in weights], [b.double() for b in biases],
+                                                      normalization="softmax")
     assert_close(pooled, ref_pooled, torch.float32, "pooled")
     assert_close(attn, ref_attn, torch.float32, "weights")
 
@@ -295,9 +362,11 @@ def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hi
         functional.score_candidates(keys[0], query, weights, biases, backend="triton")
     with pytest.raises(NotImplementedError, match=pattern):
         kernels.FoldedMLP(weights, biases, [() for _ in hidden])
-    pooled, _ = functional.attention_pooling(query, keys, weights, biases, backend="auto")
-    expected, _ = reference.attention_pooling(query, keys, weights, biases)
+    pooled, attn = functional.attention_pooling(query, keys, weights, biases, backend="auto")
+    expected, expected_attn = reference.attention_pooling(query.double(), keys.double(),
+                                                          [w.double() for w in weights], [b.double() for b in biases])
     assert_close(pooled, expected, torch.float32, "pooled")
+    assert_close(attn, expected_attn, torch.float32, "weights")
 
 
 def test_torch_compile_traces_without_graph_breaks():
