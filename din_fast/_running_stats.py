@@ -16,6 +16,8 @@ def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Opti
     if running_mean is None:
         return
     with torch.no_grad():
+        # At least float32: a count over 65504 is inf in float16.
+        var = var.to(torch.promote_types(var.dtype, torch.float32))
         count = count.to(var.dtype)
         unbiased = var * count / (count - 1).clamp(min=1)
         seen = count > 0

@@ -90,18 +90,21 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         process_group: a ``torch.distributed`` group whose ranks share the batch statistics.
 
     Returns:
-        ``[..., C]`` like ``x``.
+        ``[..., C]`` in ``x``'s dtype; 16-bit inputs compute in float32 (their sums of squares
+        overflow float16, and eps = 1e-8 rounds to 0 in it), with the parameters in float32 too.
     """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    s = x.to(compute)
     if training:
-        mean, var, count = dice_statistics(x, mask, process_group)
+        mean, var, count = dice_statistics(s, mask, process_group)
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     else:
-        mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
-    x_hat = (x - mean) / torch.sqrt(var + eps)
+        mean, var = running_mean.to(compute), running_var.to(compute)
+    x_hat = (s - mean) / torch.sqrt(var + eps)
     if weight is not None:
-        x_hat = weight * x_hat + bias
+        x_hat = weight.to(compute) * x_hat + bias.to(compute)
     p = torch.sigmoid(x_hat)
-    return p * x + (1 - p) * alpha * x
+    return (p * s + (1 - p) * alpha.to(compute) * s).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

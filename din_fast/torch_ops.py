@@ -41,7 +41,8 @@ def _masked_mean_var(flat: Tensor, keep: Optional[Tensor], process_group=None) -
     (a column reduction of ``torch.var_mean`` is several times slower on the CPU)."""
     zero = flat.new_zeros(())
     if keep is None:
-        count = torch.tensor(flat.shape[0], device=flat.device)
+        # new_full, not torch.tensor: no copy from host memory (CUDA-graph capture forbids it).
+        count = flat.new_full((), flat.shape[0], dtype=torch.int64)
         total = flat.sum(0)
     else:
         count = keep.sum()
@@ -133,8 +134,10 @@ class _DiceFunction(torch.autograd.Function):
 def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
          mask: Optional[Tensor] = None, *, training: bool, momentum: float = 0.1, eps: float = 1e-8,
          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, process_group=None) -> Tensor:
-    """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``."""
-    flat = x.reshape(-1, x.shape[-1])
+    """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``. 16-bit inputs compute in
+    float32: their sums of squares overflow float16, and eps = 1e-8 rounds to 0 in it."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    flat = x.reshape(-1, x.shape[-1]).to(compute)
     keep = None if mask is None else mask.reshape(-1)
     if training:
         # Constants to autograd: _DiceFunction's backward carries their gradient terms itself.
@@ -142,12 +145,13 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
             mean, var, count = _masked_mean_var(flat, keep, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        mean, var, count = running_mean.to(x.dtype), running_var.to(x.dtype), None
+        # Copies: the function saves them, and a later training step updates the buffers in place.
+        mean, var, count = running_mean.to(compute, copy=True), running_var.to(compute, copy=True), None
     rstd = torch.rsqrt(var + eps)
     if weight is not None:
-        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    return _DiceFunction.apply(flat, alpha.to(x.dtype), mean, rstd, training, keep, count, weight, bias,
-                               process_group if training else None).reshape(x.shape)
+        weight, bias = weight.to(compute), bias.to(compute)
+    return _DiceFunction.apply(flat, alpha.to(compute), mean, rstd, training, keep, count, weight, bias,
+                               process_group if training else None).reshape(x.shape).to(x.dtype)
 
 
 def _activate(h: Tensor, activation: str, params: Sequence[Tensor], dice_mask: Optional[Tensor], training: bool,

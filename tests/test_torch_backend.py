@@ -217,6 +217,45 @@ def test_dice_matches_reference(dtype, shape, masked, training, affine):
     assert_close(stats[1], ref_stats[1], dtype, "running_var")
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["large batch", "one valid row"])
+def test_dice_16_bit_inputs_compute_statistics_in_float32(backend, dtype, case):
+    # 70,000 rows: a float16 count or sum of squares overflows; one valid row: its variance is 0,
+    # and eps = 1e-8 rounds to 0 in float16. The float64 reference sees the same rounded inputs.
+    rows = 70_000 if case == "large batch" else 4
+    x = (2 * torch.randn(rows, 3)).to(dtype).requires_grad_()
+    alpha = torch.rand(3, dtype=dtype, requires_grad=True)
+    stats = [torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)]
+    mask = None if case == "large batch" else torch.tensor([False, True, False, False])
+    ref_x, ref_alpha, ref_stats = float64_copies([x, alpha, stats])
+    y = F.dice(x, alpha, *stats, mask, training=True, backend=backend)
+    ref_y = R.dice(ref_x, ref_alpha, *ref_stats, mask, training=True)
+    cotangent = torch.randn(rows, 3, dtype=torch.float64)
+    grads = torch.autograd.grad((y * cotangent.to(dtype)).sum(), [x, alpha])
+    ref_grads = torch.autograd.grad((ref_y * cotangent).sum(), [ref_x, ref_alpha])
+    assert y.dtype == dtype
+    assert_close(y, ref_y, dtype, "y")
+    for name, g, ref_g in zip(["dx", "dalpha"], grads, ref_grads):
+        assert_close(g, ref_g, dtype, name)
+    for stat, ref_stat in zip(stats, ref_stats):
+        assert_close(stat, ref_stat, dtype, "running statistic")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dice_output_dtype_follows_x_and_inference_keeps_no_buffer(backend, dtype):
+    x = torch.randn(6, 3, dtype=dtype, requires_grad=True)
+    alpha, weight, bias = torch.rand(3), torch.ones(3), torch.zeros(3)
+    stats = [torch.zeros(3), torch.ones(3)]
+    y_eval = F.dice(x, alpha, *stats, training=False, weight=weight, bias=bias, backend=backend)
+    assert y_eval.dtype == dtype
+    # A training step updates the buffers in place; the inference graph must not hold them.
+    F.dice(x, alpha, *stats, training=True, weight=weight, bias=bias, backend=backend)
+    (grad,) = torch.autograd.grad(y_eval.float().sum(), x)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mba_penalty_matches_reference(dtype):
     weight = torch.randn(50, 18, dtype=dtype, requires_grad=True)

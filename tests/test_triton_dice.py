@@ -323,8 +323,19 @@ def test_custom_op_registrations():
         (x, alpha, None, None, None, True, MOMENTUM, EPS, weight, bias),
         (x, alpha, rm, rv, None, False, MOMENTUM, EPS, weight, bias),
     ]
+    # A transposed x: the real ops return contiguous tensors, and the fake ones must say so.
+    x_t = x.detach().t().contiguous().t().requires_grad_()
+    samples += [(x_t, alpha, rm, rv, mask, True, MOMENTUM, EPS, weight, bias),
+                (x_t, alpha, rm, rv, None, False, MOMENTUM, EPS, None, None)]
     for args in samples:
         torch.library.opcheck(_ops._dice_forward, args)
+    for training in (True, False):
+        with torch.no_grad():
+            _, mean, var, count, _, _ = _ops._dice_forward(x_t, alpha, rm, rv, mask, training, MOMENTUM, EPS,
+                                                           weight, bias)
+        torch.library.opcheck(_ops._dice_backward, (torch.randn(6, 3).t().contiguous().t(), x_t.detach(),
+                                                    alpha.detach(), mask, mean, var, count, training, EPS,
+                                                    weight.detach(), bias.detach()))
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])

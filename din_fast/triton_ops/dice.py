@@ -70,7 +70,8 @@ def _dice_forward(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], runn
 def _dice_forward_fake(x, alpha, running_mean, running_var, mask, training, momentum, eps, weight, bias):
     channels = x.shape[-1]
     stats = [x.new_empty(channels, dtype=torch.float32) for _ in range(4)]
-    return torch.empty_like(x), stats[0], stats[1], x.new_empty(1, dtype=torch.int32), stats[2], stats[3]
+    # Contiguous like the real op's output, whatever x's strides.
+    return x.new_empty(x.shape), stats[0], stats[1], x.new_empty(1, dtype=torch.int32), stats[2], stats[3]
 
 
 @torch.library.custom_op("din_fast::dice_backward", mutates_args=())
@@ -92,8 +93,9 @@ def _dice_backward(grad: Tensor, x: Tensor, alpha: Tensor, mask: Optional[Tensor
 @_dice_backward.register_fake
 def _dice_backward_fake(grad, x, alpha, mask, mean, var, count, training, eps, weight, bias):
     if weight is None:
-        return torch.empty_like(x), torch.empty_like(alpha), x.new_empty(0), x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(alpha), torch.empty_like(weight), torch.empty_like(bias)
+        return x.new_empty(x.shape), alpha.new_empty(alpha.shape), x.new_empty(0), x.new_empty(0)
+    return x.new_empty(x.shape), alpha.new_empty(alpha.shape), weight.new_empty(weight.shape), \
+        bias.new_empty(bias.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,6 +141,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
     y, _, _, _, new_mean, new_var = _dice_forward(x, alpha, running_mean, running_var, mask, bool(training),
                                                   float(momentum), float(eps), weight, bias)
     if training and running_mean is not None:
-        running_mean.copy_(new_mean.detach())
-        running_var.copy_(new_var.detach())
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
     return y
