@@ -243,7 +243,8 @@ def check_counts(counts: Tensor, num_rows: int, like: Tensor, rows: Optional[Ten
     if counts.dtype == torch.bool or counts.is_complex():
         raise TypeError(f"counts must be a real tensor, got {counts.dtype}")
     checked = counts if rows is None else counts.index_select(0, rows.reshape(-1).long())
-    if checked.numel() and V.values_checkable() and float(checked.min()) < 1:
+    # ">= 1 everywhere", not "min < 1": a NaN count fails the first and passes the second.
+    if checked.numel() and V.values_checkable() and not bool((checked >= 1).all()):
         raise ValueError(f"counts must be >= 1 (n_j counts occurrences; unseen ids count as 1), "
                          f"got minimum {float(checked.min())}")
     return counts
@@ -262,6 +263,7 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float, *, back
         A scalar; its gradient is ``lam * w_j / n_j`` on the batch's rows and 0 elsewhere.
     """
     V.check_tensor("weight", weight, ndim=(2,), floating=True)
+    V.check_tensor("ids", ids)
     V.check_same_device(weight=weight, ids=ids)
     V.check_index_tensor("ids", ids, weight.shape[0])
     check_counts(counts, weight.shape[0], weight, rows=ids)

@@ -60,7 +60,8 @@ def _check_weight(weight) -> None:
 
 def _check_scalars(lam, lr) -> Tuple[float, float]:
     lam = V.check_positive_float("lam", lam, allow_zero=True)
-    lr = V.check_positive_float("lr", lr)
+    # lr = 0 is a step that changes nothing, as torch.optim.SGD takes it (warm-up schedules start there).
+    lr = V.check_positive_float("lr", lr, allow_zero=True)
     for name, value in (("lam", lam), ("lr", lr)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
@@ -165,7 +166,7 @@ def _torch_segment_sum(rows: Tensor, grad_ids: Tensor, grad_values: Tensor, dtyp
     """``[U, D]``: for each of the sorted ``rows``, the sum of ``grad_values`` rows whose id
     matches; ids outside ``rows`` are dropped."""
     grad_ids = grad_ids.reshape(-1).to(torch.int64)
-    grad_values = grad_values.reshape(grad_ids.shape[0], -1)
+    grad_values = grad_values.reshape(grad_ids.shape[0], grad_values.shape[-1])
     acc = torch.zeros(rows.shape[0], grad_values.shape[1], dtype=dtype, device=grad_values.device)
     if rows.numel() == 0 or grad_ids.numel() == 0:
         return acc
@@ -190,7 +191,7 @@ def _torch_sgd_fused_(weight, ids, grad_rows, counts, lam, lr, padding_idx=None)
     rows, position = torch.unique(flat_ids, return_inverse=True)
     compute = _compute_dtype(weight.dtype)
     grad_at_rows = torch.zeros(rows.shape[0], weight.shape[1], dtype=compute, device=weight.device)
-    grad_at_rows.index_add_(0, position, grad_rows.reshape(flat_ids.shape[0], -1).to(compute))
+    grad_at_rows.index_add_(0, position, grad_rows.reshape(flat_ids.shape[0], weight.shape[1]).to(compute))
     if padding_idx is not None:
         kept = rows != padding_idx
         rows, grad_at_rows = rows[kept], grad_at_rows[kept]
@@ -237,7 +238,7 @@ def mba_sgd_step_(weight: Tensor, grad: Tensor, ids: Optional[Tensor], counts: T
         ids: int32/int64, any shape, in ``[0, K)``: the rows the batch looked up. May be
             ``None`` with a sparse ``grad``: its own indices are then the batch's rows.
         counts: ``[K]`` frequencies ``n_j >= 1`` (any real dtype), on weight's device.
-        lam: ``>= 0``; lr: ``> 0``.
+        lam: ``>= 0``; lr: ``>= 0``.
         padding_idx: a row never read nor written.
 
     Returns:
@@ -260,7 +261,7 @@ def mba_sgd_fused_(weight: Tensor, ids: Tensor, grad_rows: Tensor, counts: Tenso
         ids: int32/int64, any shape, in ``[0, K)``.
         grad_rows: ``[*ids.shape, D]`` (or ``[ids.numel(), D]``) in weight's dtype: the gradient
             of the batch-mean loss with respect to ``weight[ids]``. Rows of equal ids are summed.
-        counts: ``[K]`` frequencies ``n_j >= 1``; lam: ``>= 0``; lr: ``> 0``.
+        counts: ``[K]`` frequencies ``n_j >= 1``; lam: ``>= 0``; lr: ``>= 0``.
         padding_idx: a row never read nor written (its gradient rows are dropped).
 
     Returns:
@@ -311,6 +312,10 @@ def _parse_embedding(i: int, entry, padding_idx: Optional[int]):
     return weight, module, counts, _check_padding_idx(pad, weight.shape[0])
 
 
+# What a parameter group may hold: its tensors (and their names) and the options step reads.
+_GROUP_OPTIONS = {"params", "param_names", "lr", "lam"}
+
+
 def _param_groups(params) -> List[dict]:
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors or dicts, got a tensor")
@@ -318,7 +323,10 @@ def _param_groups(params) -> List[dict]:
     if not params or not isinstance(params[0], dict):
         return [{"params": params}] if params else []
     groups = []
-    for group in params:
+    for i, group in enumerate(params):
+        unknown = sorted(set(group) - _GROUP_OPTIONS)
+        if unknown:
+            raise ValueError(f"param group {i} has options MBASGD does not take: {unknown} (it takes lr and lam)")
         group = dict(group)
         group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
         groups.append(group)
@@ -339,7 +347,8 @@ class MBASGD(torch.optim.Optimizer):
       ``nn.EmbeddingBag`` passed in ``embeddings`` records its input by itself (a forward
       pre-hook, active while autograd is enabled); a bare weight used through
       ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table with
-      a dense gradient and no recorded ids makes ``step`` raise.
+      a nonzero dense gradient and no recorded ids makes ``step`` raise; one whose gradient is
+      all zero (unused by the batch, after ``zero_grad(set_to_none=False)``) has no row to update.
 
     Data parallel (``DistributedDataParallel``, which averages the gradients): the global
     mini-batch is the union of the ranks' batches, so each step unites the rows of every rank
@@ -349,9 +358,9 @@ class MBASGD(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups, as for ``torch.optim.SGD``; group options
-            ``lr`` and ``lam`` override the defaults. Tables missing from ``params`` are added
-            as groups of their own.
-        lr: learning rate ``> 0``.
+            ``lr`` and ``lam`` override the defaults (any other option raises). Tables missing
+            from ``params`` are added as groups of their own.
+        lr: learning rate ``>= 0``.
         embeddings: ``(table, counts)`` pairs: table an ``nn.Embedding``, ``nn.EmbeddingBag`` or
             its ``[K, D]`` weight; counts ``[K]`` frequencies ``n_j >= 1`` on the table's device
             (``din_fast.frequency.FeatureCounter``). Counts are not part of ``state_dict``.
@@ -422,6 +431,8 @@ class MBASGD(torch.optim.Optimizer):
             return torch.cat(info.recorded_ids)
         if weight.grad.is_sparse:
             return None
+        if not bool(weight.grad.any()):
+            return torch.empty(0, dtype=torch.int64, device=weight.device)
         raise RuntimeError(
             f"embeddings[{info.index}] has a dense gradient but no recorded ids: pass the nn.Embedding "
             f"module (it records its input), use nn.Embedding(sparse=True), or call record_ids(table, ids)")

@@ -234,8 +234,11 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tens
     The factor 1/2 makes the gradient exactly eq. 7's regularization term ``lam * w_j / n_j``.
     """
     present = batch_indicator(ids, weight.shape[0])
-    per_row = (weight * weight).sum(dim=1) / counts.to(weight.dtype)
-    return 0.5 * lam * torch.where(present, per_row, torch.zeros_like(per_row)).sum()
+    # In at least float32: float16 squares overflow, and n_j = 257 is 256 in bfloat16.
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(compute)
+    per_row = (w * w).sum(dim=1) / counts.to(compute)
+    return (0.5 * lam * torch.where(present, per_row, torch.zeros_like(per_row)).sum()).to(weight.dtype)
 
 
 def mba_sgd_step(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor, *, lam: float, lr: float) -> Tensor:

@@ -482,5 +482,8 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
 def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tensor:
     """``lam / 2 * sum_{j in unique(ids)} ||w_j||^2 / n_j``, reading only the batch's rows."""
     rows = torch.unique(ids.reshape(-1))
-    picked = weight.index_select(0, rows)
-    return 0.5 * lam * ((picked * picked).sum(dim=1) / counts.index_select(0, rows).to(weight.dtype)).sum()
+    # In at least float32, as the kernels: float16 squares overflow, and n_j = 257 is 256 in bfloat16.
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    picked = weight.index_select(0, rows).to(compute)
+    per_row = (picked * picked).sum(dim=1) / counts.index_select(0, rows).to(compute)
+    return (0.5 * lam * per_row.sum()).to(weight.dtype)

@@ -172,7 +172,9 @@ def _split_f64(value: float) -> Tuple[float, float]:
 
 
 def _check_rows(weight: torch.Tensor, rows: torch.Tensor, row_counts: torch.Tensor) -> None:
-    assert weight.dim() == 2 and weight.stride(1) == 1, "weight must be [K, D] with unit stride in D"
+    # D = 1: the column stride is never used.
+    assert weight.dim() == 2 and (weight.stride(1) == 1 or weight.shape[1] == 1), \
+        "weight must be [K, D] with unit stride in D"
     assert weight.dtype in _TRITON_DTYPE, f"unsupported table dtype {weight.dtype}"
     assert rows.dtype == torch.int64 and rows.dim() == 1 and rows.is_contiguous()
     assert row_counts.shape == rows.shape and row_counts.dtype == compute_dtype(weight.dtype)

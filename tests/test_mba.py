@@ -393,10 +393,11 @@ def _bad_step_cases():
         (case(ids=torch.tensor([1.0, 2.0])), TypeError, "ids must be an int32 or int64"),
         (case(ids=torch.tensor([1, 2], device="meta")), ValueError, "ids must be on"),
         (case(counts=torch.tensor([2, 2, 2, 2, 0, 2, 2, 2, 2])), ValueError, "counts must be >= 1"),
+        (case(counts=torch.tensor([2.0, float("nan"), 2, 2, 2, 2, 2, 2, 2])), ValueError, "counts must be >= 1"),
         (case(counts=torch.full((num_rows + 1,), 2)), ValueError, r"counts must have shape \[9\]"),
         (case(counts=torch.ones(num_rows, dtype=torch.bool)), TypeError, "counts must be a real tensor"),
         (case(grad="float64"), TypeError, "grad(_rows)? must have weight's dtype"),
-        (case(lr=0.0), ValueError, "lr must be > 0"),
+        (case(lr=-1.0), ValueError, "lr must be >= 0"),
         (case(lam=-1.0), ValueError, "lam must be >= 0"),
         (case(padding_idx=9), ValueError, "padding_idx must lie in"),
     ]
@@ -437,6 +438,82 @@ def test_sparse_grad_rows_outside_ids_rejected(backend):
     assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches_change_nothing(backend):
+    # A batch of padding only, or a sparse gradient with no entry: no row to update.
+    weight = _table(8, 3, torch.float32)
+    before = weight.clone()
+    counts = torch.ones(8)
+    mba_sgd_fused_(weight, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3), counts, lam=LAM, lr=LR,
+                   backend=backend)
+    mba_sgd_fused_(weight, torch.zeros(4, dtype=torch.int64), torch.randn(4, 3), counts, lam=LAM, lr=LR,
+                   padding_idx=0, backend=backend)
+    empty_grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(0, 3), (8, 3),
+                                         check_invariants=True)
+    mba_sgd_step_(weight, empty_grad, None, counts, lam=LAM, lr=LR, backend=backend)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mbasgd_with_a_table_the_batch_left_unused(backend, sparse):
+    # zero_grad(set_to_none=False) leaves the unused table a zero gradient and no recorded ids;
+    # a warm-up schedule's lr of 0 changes nothing either.
+    used, unused = nn.Embedding(6, 3, sparse=sparse), nn.Embedding(5, 3, sparse=sparse)
+    optimizer = MBASGD([*used.parameters(), *unused.parameters()], lr=LR,
+                       embeddings=[(used, torch.ones(6)), (unused, torch.ones(5))], lam=LAM, backend=backend)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: float(epoch))
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=False)
+        before = [used.weight.detach().clone(), unused.weight.detach().clone()]
+        used(torch.tensor([1, 4])).sum().backward()
+        optimizer.step()
+        schedule.step()
+        assert torch.equal(unused.weight.detach(), before[1])
+        assert torch.equal(used.weight.detach(), before[0]) == (step == 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_penalty_of_16_bit_tables_computes_in_float32(backend, dtype):
+    # |w| = 100 squared overflows float16; n_j = 257 is 256 in bfloat16.
+    weight = torch.full((4, 8), 100.0, dtype=dtype, requires_grad=True)
+    ids, counts = torch.tensor([1, 2]), torch.tensor([1, 257, 3, 1])
+    value = din_fast.mba_penalty(weight, ids, counts, LAM, backend=backend)
+    expected = R.mba_penalty(weight.detach().double(), ids, counts, LAM)
+    assert value.dtype == dtype
+    assert_close(value, expected, dtype, "penalty")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_before_the_penalty_backward_never_yields_a_stale_gradient(backend):
+    # A step between the penalty's forward and its backward: the backward either refuses (the
+    # triton backend reads the table, whose version the step bumped, as any in-place op does)
+    # or gives the gradient at the forward's weights (the torch backend saved its own copy).
+    weight = _table(8, 3, torch.float32).requires_grad_()
+    counts, ids = torch.ones(8), torch.tensor([1, 2])
+    expected = torch.zeros(8, 3)
+    expected[ids] = LAM * weight.detach()[ids]
+    penalty = din_fast.mba_penalty(weight, ids, counts, LAM, backend=backend)
+    with torch.no_grad():
+        mba_sgd_fused_(weight, ids, torch.randn(2, 3), counts, lam=LAM, lr=LR, backend=backend)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            penalty.backward()
+    else:
+        penalty.backward()
+        assert_close(weight.grad, expected.double(), torch.float32, "grad weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_column_table_of_any_column_stride(backend):
+    weight = torch.randn(1, 8).t()  # [8, 1], strides (1, 8)
+    expected = R.mba_sgd_step(weight.double(), torch.zeros(8, 1, dtype=torch.float64), torch.tensor([2, 5]),
+                              torch.ones(8), lam=LAM, lr=LR)
+    mba_sgd_step_(weight, torch.zeros(8, 1), torch.tensor([2, 5]), torch.ones(8), lam=LAM, lr=LR, backend=backend)
+    assert_close(weight, expected, torch.float32, "table")
+
+
 def test_fused_grad_rows_shape_checked():
     weight = _table(8, 3, torch.float32)
     before = weight.clone()
@@ -451,8 +528,13 @@ def test_optimizer_rejects_bad_tables_and_ids():
         MBASGD(embedding.parameters(), lr=LR, embeddings=[(embedding, torch.zeros(6))])
     with pytest.raises(ValueError, match=r"counts must have shape \[6\]"):
         MBASGD(embedding.parameters(), lr=LR, embeddings=[(embedding, torch.ones(5))])
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be >= 0"):
         MBASGD(embedding.parameters(), lr=-1.0, embeddings=[(embedding, torch.ones(6))])
+    with pytest.raises(ValueError, match=r"param group 0 has options MBASGD does not take: \['weight_decay'\]"):
+        MBASGD([{"params": embedding.parameters(), "weight_decay": 0.5}], lr=LR,
+               embeddings=[(embedding, torch.ones(6))])
+    with pytest.raises(TypeError, match="ids must be a torch.Tensor"):
+        din_fast.mba_penalty(embedding.weight, [1, 2], torch.ones(6), LAM)
     optimizer = MBASGD(embedding.parameters(), lr=LR, embeddings=[(embedding, torch.ones(6))], lam=LAM)
     with pytest.raises(ValueError, match="ids must lie in"):
         optimizer.record_ids(embedding, torch.tensor([0, 6]))

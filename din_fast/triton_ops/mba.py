@@ -39,6 +39,13 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _written(weight: Tensor) -> Tensor:
+    """``weight`` after a kernel wrote it in place: its version counter is bumped as an in-place
+    torch op would, so that autograd refuses a backward that saved the old values."""
+    torch.autograd.graph.increment_version(weight)
+    return weight
+
+
 # ----------------------------------------------------------------------------------------------
 # Penalty (eq. 4-6), differentiable
 # ----------------------------------------------------------------------------------------------
@@ -130,9 +137,11 @@ def mba_sgd_step_(weight: Tensor, grad: Tensor, ids: Optional[Tensor], counts: T
         grad_ids = grad._indices()[0]
         if ids is None:
             return mba_sgd_fused_(weight, grad_ids, grad._values(), counts, lam, lr, padding_idx)
-        return _segment_update_(weight, _unique_rows(ids, padding_idx), grad_ids, grad._values(), counts, lam, lr)
+        _segment_update_(weight, _unique_rows(ids, padding_idx), grad_ids, grad._values(), counts, lam, lr)
+        return _written(weight)
     rows = _unique_rows(ids, padding_idx)
-    return _k.mba_sgd_dense_(weight, _unit_stride(grad), rows, _row_counts(counts, rows, weight.dtype), lam, lr)
+    _k.mba_sgd_dense_(weight, _unit_stride(grad), rows, _row_counts(counts, rows, weight.dtype), lam, lr)
+    return _written(weight)
 
 
 def mba_sgd_fused_(weight: Tensor, ids: Tensor, grad_rows: Tensor, counts: Tensor, lam: float, lr: float,
@@ -148,5 +157,6 @@ def mba_sgd_fused_(weight: Tensor, ids: Tensor, grad_rows: Tensor, counts: Tenso
     if padding_idx is not None:
         keep = rows != padding_idx
         rows, seg_start, seg_end = rows[keep], seg_start[keep], seg_end[keep]
-    return _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(-1, weight.shape[1])), order, seg_start,
-                               seg_end, rows, _row_counts(counts, rows, weight.dtype), lam, lr)
+    _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(-1, weight.shape[1])), order, seg_start, seg_end,
+                        rows, _row_counts(counts, rows, weight.dtype), lam, lr)
+    return _written(weight)
