@@ -430,15 +430,43 @@ def _mask_and_rows_to_pack(valid: Optional[Tensor]) -> Tuple[Optional[Tensor], O
     return valid, rows if rows.numel() <= PACK_MAX_VALID_FRACTION * valid.numel() else None
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(activation: str, inputs: Sequence[Tensor], weights: Sequence[Tensor], biases: Sequence[Tensor],
+                act_params: Sequence[Sequence[Tensor]]):
+    """float32 casts (autograd follows them) of 16-bit inputs and parameters: the attention then
+    computes in float32 like the kernels (in 16-bit arithmetic its sums over B * T positions
+    lose several digits). Dice's running statistics stay the caller's buffers, which ``dice``
+    updates in place."""
+    def up(t: Tensor) -> Tensor:
+        return t.float()
+
+    if activation == "dice":
+        act_params = [(up(layer[0]), *layer[1:3], *map(up, layer[3:])) for layer in act_params]
+    else:
+        act_params = [tuple(map(up, layer)) for layer in act_params]
+    return [up(t) for t in inputs], [up(w) for w in weights], [up(b) for b in biases], act_params
+
+
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
                       softmax_scale: float = 1.0, dice_stats: str = "valid", training: bool = False,
                       momentum: float = 0.1, eps: float = 1e-8, process_group=None) -> Tuple[Tensor, Tensor]:
-    """Folded attention pooling; see ``din_fast.reference.attention_pooling``.
+    """Folded attention pooling; see ``din_fast.reference.attention_pooling``. 16-bit inputs
+    compute in float32 (outputs in their dtype).
 
     Returns ``(pooled [B, D], weights [B, T])``.
     """
+    if keys.dtype in _HALF_DTYPES:
+        (query, keys_32), weights, biases, act_params = _in_float32(activation, (query, keys), weights, biases,
+                                                                    act_params)
+        pooled, attn = attention_pooling(query, keys_32, weights, biases, lengths=lengths, mask=mask,
+                                         activation=activation, act_params=act_params, normalization=normalization,
+                                         softmax_scale=softmax_scale, dice_stats=dice_stats, training=training,
+                                         momentum=momentum, eps=eps, process_group=process_group)
+        return pooled.to(keys.dtype), attn.to(keys.dtype)
     seq_len = keys.shape[1]
     if lengths is not None:
         mask = torch.arange(seq_len, device=keys.device)[None, :] < lengths[:, None]
@@ -460,7 +488,8 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
                      activation: str = "sigmoid", act_params: Sequence[Sequence[Tensor]] = (),
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8
                      ) -> Tuple[Tensor, Tensor]:
-    """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold.
+    """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold; 16-bit
+    inputs compute in float32.
 
     Every candidate's first layer comes from one ``[T, D] x [D, C * H1]`` product against the
     candidates' ``M_c`` side by side, with ``u_c`` as the product's bias row, so the history is
@@ -469,6 +498,13 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """
+    if history.dtype in _HALF_DTYPES:
+        (history_32, candidates), weights, biases, act_params = _in_float32(activation, (history, candidates),
+                                                                            weights, biases, act_params)
+        pooled, attn = score_candidates(history_32, candidates, weights, biases, activation=activation,
+                                        act_params=act_params, normalization=normalization,
+                                        softmax_scale=softmax_scale, eps=eps)
+        return pooled.to(history.dtype), attn.to(history.dtype)
     (seq_len, dim), num_candidates = history.shape, candidates.shape[0]
     w_u, w_k, w_p = _split_first_layer(weights[0], dim)
     folds = _transposed_fold(candidates, w_k, w_p).view(-1, dim).t()

@@ -9,7 +9,7 @@ from din_fast import torch_ops
 from din_fast.testing import (assert_close, assert_padding_is_zero, float64_copies, nan_filled_allocations,
                               random_attention_mlp)
 
-DTYPES = [torch.float32, torch.float64]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 # (B, T, D, hidden, lengths): D = 1, 18, 36, 64, 256; T = 1; lengths 0 and T, all 0; B = 1; one to
 # three hidden layers.
@@ -62,12 +62,17 @@ def _detached_leaves(tensors):
     return type(tensors)(_detached_leaves(t) for t in tensors)
 
 
-def _run(fn, query, keys, weights, biases, act_params, **kwargs):
+def _run(fn, query, keys, weights, biases, act_params, dtype=None, **kwargs):
     pooled, attn = fn(query, keys, weights, biases, act_params=act_params, **kwargs)
-    # Random cotangents so that every output element's gradient path is exercised.
+    # Random cotangents so that every output element's gradient path is exercised; rounded
+    # through the dtype under test (default: keys'), so that the float64 reference gets the
+    # very same ones.
     gen = torch.Generator().manual_seed(1)
-    loss = (pooled * torch.randn(pooled.shape, generator=gen, dtype=torch.float64).to(pooled.dtype)).sum() \
-        + (attn * torch.randn(attn.shape, generator=gen, dtype=torch.float64).to(attn.dtype)).sum()
+
+    def cotangent(out):
+        return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype or keys.dtype).to(out.dtype)
+
+    loss = (pooled * cotangent(pooled)).sum() + (attn * cotangent(attn)).sum()
     leaves = [query, keys] + _leaves(weights, biases, act_params)
     grads = torch.autograd.grad(loss, leaves)
     return pooled, attn, grads
@@ -91,7 +96,7 @@ def test_attention_pooling_matches_reference(dtype, shape, activation, normaliza
                    eps=_dice_eps(dtype, training))
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
-                                           ref_act, **options)
+                                           ref_act, dtype=query.dtype, **options)
     _compare(dtype, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
     valid = torch.arange(keys.shape[1])[None, :] < lengths[:, None]
     # Statistics over all positions carry gradient to the padding keys, and the query's with them.
@@ -123,7 +128,8 @@ def test_attention_pooling_bool_mask_with_holes(dtype, valid_fraction, activatio
     options = dict(mask=mask, activation=activation, normalization="softmax", training=training,
                    eps=_dice_eps(dtype, training))
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
-    ref_results = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases, ref_act, **options)
+    ref_results = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases, ref_act, dtype=dtype,
+                       **options)
     ref_results = (ref_results[0], ref_results[1], *ref_results[2])
     _compare(dtype, (pooled, attn, *grads), ref_results, act_params, ref_act)
     assert_padding_is_zero(mask, pooled, attn, *grads[:2])
@@ -138,7 +144,7 @@ def test_shared_prelu_slope():
     options = dict(lengths=lengths, activation="prelu", normalization="softmax")
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
-                                           ref_act, **options)
+                                           ref_act, dtype=query.dtype, **options)
     _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
 
 
@@ -153,7 +159,7 @@ def test_dice_training_statistics_of_a_large_batch(dice_stats):
                    eps=1e-3)
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
-                                           ref_act, **options)
+                                           ref_act, dtype=query.dtype, **options)
     _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
 
 
