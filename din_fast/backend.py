@@ -41,20 +41,23 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
-def _triton_module(op: str):
-    name = f"din_fast.triton_ops.{_TRITON_MODULES[op]}"
-    # Under torch.compile, Dynamo traces into this body and cannot trace import_module (a graph
-    # break); a module already imported is a plain lookup.
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        return loaded
+@torch.compiler.assume_constant_result
+def _import(name: str) -> bool:
+    """Imports module ``name``; whether it exists. Dynamo cannot trace an import: under
+    ``torch.compile`` it runs this eagerly and takes the result as a constant."""
     try:
-        return importlib.import_module(name)
+        importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name != name:
             raise
-        return None
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _triton_module(op: str):
+    name = f"din_fast.triton_ops.{_TRITON_MODULES[op]}"
+    return sys.modules[name] if _import(name) else None
 
 
 def has_triton_kernel(op: str) -> bool:

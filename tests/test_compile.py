@@ -1,6 +1,11 @@
 """torch.compile traces din_fast's modules and the DIN model without graph breaks, with the same
 outputs and gradients as eager execution."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -45,3 +50,24 @@ def test_din_model_compiles_without_graph_breaks(mlp_activation):
     assert_close(logits, expected, torch.float32, "logits")
     for got, want in zip(_gradients(model, logits.sum()), _gradients(model, expected.sum())):
         assert_close(got, want, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("op", ["attention_pooling", "dice", "mba_penalty"])
+def test_first_triton_call_compiles_in_a_fresh_process(op):
+    # Nothing imported the triton backend's modules before the traced call: Dynamo cannot trace
+    # their import, so the backend takes it out of the graph.
+    pytest.importorskip("triton")
+    calls = {
+        "attention_pooling": "F.attention_pooling(torch.randn(2, 8), torch.randn(2, 3, 8), [torch.randn(6, 32), "
+                             "torch.randn(1, 6)], [torch.randn(6), torch.randn(1)], backend='triton')[0]",
+        "dice": "F.dice(torch.randn(5, 4), torch.rand(4), None, None, training=True, backend='triton')",
+        "mba_penalty": "F.mba_penalty(torch.randn(6, 3), torch.tensor([1, 4]), torch.ones(6), 0.5, backend='triton')",
+    }
+    script = ("import sys, torch\n"
+              "from din_fast import functional as F\n"
+              "assert not any(name.startswith('din_fast.triton_ops.') for name in sys.modules)\n"
+              f"out = torch.compile(lambda: {calls[op]}.sum(), backend='aot_eager', fullgraph=True)()\n"
+              "assert torch.isfinite(out)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
