@@ -105,6 +105,8 @@ def evaluate(model, data: InteractionData, samples: Samples, batch_size: int, ma
             probabilities.append(torch.sigmoid(model(batch)).float().cpu())
             labels.append(batch.labels.cpu())
             users.append(batch.users.cpu())
+    if not probabilities:
+        return {"auc": float("nan"), "gauc": float("nan"), "logloss": float("nan")}
     p, y, u = (torch.cat(values).numpy() for values in (probabilities, labels, users))
     return {"auc": _safe(auc, y, p), "gauc": _safe(gauc, y, p, u), "logloss": _safe(log_loss, y, p)}
 
@@ -122,7 +124,9 @@ def _attention_panels(model, data: InteractionData, max_length: int, device, num
         if end < 5 or len(rows) < 2:
             continue
         rows = rows[np.argsort(-test.labels[rows], kind="stable")][:shown_candidates]
-        start = data.sequence_offsets[user] + max(0, end - min(max_length, shown_behaviours))
+        # The model's whole history (its last max_length behaviours), so that softmax weights are
+        # the ones it uses; only the most recent are shown.
+        start = data.sequence_offsets[user] + max(0, end - max_length)
         stop = data.sequence_offsets[user] + end
         history = np.stack([data.sequence_items[start:stop], data.sequence_categories[start:stop]], axis=1)
         candidates = np.stack([test.items[rows], test.categories[rows]], axis=1)
@@ -130,9 +134,10 @@ def _attention_panels(model, data: InteractionData, max_length: int, device, num
             _, weights = model.score_candidates(torch.from_numpy(data.user_profile[user]).to(device),
                                                 torch.from_numpy(history).to(device),
                                                 torch.from_numpy(candidates).to(device), return_attention=True)
+        shown = min(len(history), shown_behaviours)
         panels.append({
-            "weights": weights.float().cpu().numpy(),
-            "behaviour_labels": [f"c{c}" for c in history[:, 1]],
+            "weights": weights.float().cpu().numpy()[:, -shown:],
+            "behaviour_labels": [f"c{c}" for c in history[-shown:, 1]],
             "candidate_labels": [f"item {i} (c{c}) {'clicked' if y else 'not clicked'}"
                                  for i, c, y in zip(candidates[:, 0], candidates[:, 1], test.labels[rows])],
             "title": f"user {user}: {end} behaviours (last {len(history)} shown)",
@@ -196,15 +201,21 @@ def _train(args, device: torch.device, parallel: bool) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
+    # The run folder before the data: a bad --out fails at once, not after minutes of loading.
+    folder = _run_folder(args.out) if main_process else None
     data = _load_data(args)
     log(data.describe(), flush=True)
+    for split in ("train", "test"):
+        if len(getattr(data, split)) == 0:
+            print(f"din-fast: error: the {split} split of {data.name} is empty: too little data (--max-ratings, or "
+                  f"too few interactions per user)", file=sys.stderr)
+            return 2
     counts = feature_counts(data, args.max_length) if args.mba > 0 else None
     model = _build_model(args, data, counts).to(device)
     optimizer, penalty_in_loss = _build_optimizer(args, model)
     compute_loss = model.loss
     if parallel:
         compute_loss = distributed.data_parallel(model, device=device, sync_dice=not args.no_sync_dice)
-    folder = _run_folder(args.out) if main_process else None
     where = f"{world} processes on {device.type}" if parallel else str(device)
     log(f"{model.model_name.upper()} ({sum(p.numel() for p in model.parameters()):,} parameters) on {where}, "
         f"backend {args.backend}; run folder {folder}", flush=True)
@@ -291,9 +302,7 @@ def serve_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or _default_device())
     if args.checkpoint:
-        model = load_checkpoint(args.checkpoint).to(device)
-        if args.backend != "auto":
-            raise ValueError("--backend cannot be combined with --checkpoint (the checkpoint's backend is used)")
+        model = load_checkpoint(args.checkpoint, backend=args.backend)
     else:
         model = serving_model(args.model, dice=args.dice, backend=args.backend)
     model = model.to(device).eval()
@@ -334,6 +343,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="din-fast", description="Deep Interest Network: train, serve, benchmark.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -356,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batch-size", type=_positive_int, default=4096)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="with --mba, sgd applies eq. 7 exactly (MBASGD); adam adds the MBA penalty to the loss")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-3 for adam, 1.0 for sgd)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 5e-3 for adam, 1.0 for sgd)")
     t.add_argument("--max-length", type=_positive_int, default=DEFAULT_MAX_LENGTH,
                    help="behaviours kept per sample (the most recent)")
     t.add_argument("--embedding-dim", type=_positive_int, default=18)
@@ -386,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive_int, default=2)
     s.add_argument("--model", choices=["din", "base"], default="din")
     s.add_argument("--dice", action="store_true")
-    s.add_argument("--backend", choices=list(BACKENDS), default="auto")
+    s.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                   help="also replaces the backend a --checkpoint was trained with")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     s.add_argument("--checkpoint", default=None, help="a checkpoint.pt from din-fast train (default: an untrained "
                                                       "model with Amazon's table sizes)")
@@ -412,11 +429,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train" and args.batch_size % world:
         parser.error(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world}): "
                      f"each takes an equal share of every global batch")
+    if args.command == "serve-bench" and args.checkpoint and (args.model != "din" or args.dice):
+        parser.error("--model and --dice describe an untrained model: a --checkpoint brings its own")
     if getattr(args, "lr", "absent") is None:
         args.lr = 5e-3 if args.optimizer == "adam" else 1.0
     try:
         return args.handler(args)
-    except (FileNotFoundError, DataFileError) as error:
+    except (OSError, DataFileError) as error:
         print(f"din-fast: error: {error}", file=sys.stderr)
         return 2
 

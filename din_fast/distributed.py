@@ -116,6 +116,9 @@ def local_batches(data: InteractionData, samples: Samples, batch_size: int, max_
     (``dice_stats="all"``) see what one process sees. A last global batch with fewer samples
     than ranks is skipped (no rank may be left without samples).
     """
+    if shuffle and rng is None:
+        raise ValueError("local_batches: shuffling needs rng, a Generator seeded alike on every rank (an "
+                         "unseeded one gives each rank its own order: shards overlap and samples go unseen)")
     for index in batch_indices(len(samples), batch_size, shuffle=shuffle, rng=rng):
         if len(index) < world:
             continue
@@ -248,8 +251,19 @@ def data_parallel(model: nn.Module, *, device: Optional[torch.device] = None, pr
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         no_buffer_sync = {"forward_sync_buffers": False}
     else:
+        # broadcast_buffers=False also skips DDP's one broadcast of the buffers at construction.
+        broadcast_buffers(model, group)
         no_buffer_sync = {"broadcast_buffers": False}
     return DistributedDataParallel(TrainingLoss(model), device_ids=device_ids, process_group=group, **no_buffer_sync)
+
+
+def broadcast_buffers(model: nn.Module, process_group=None) -> None:
+    """Every buffer of ``model`` (Dice running statistics, MBA counts) set to the first rank's of
+    ``process_group`` (None: the world), in place."""
+    group = _resolve_group(process_group)
+    source = _dist().get_global_rank(group, 0)
+    for buffer in model.buffers():
+        _dist().broadcast(buffer, source, group=group)
 
 
 def shard_weight(local_size: int, global_size: int, world: int) -> float:

@@ -45,7 +45,8 @@ class FeatureCounter:
 
     def _checked(self, name: str, ids: IdColumn) -> Tensor:
         if isinstance(ids, np.ndarray):
-            ids = torch.from_numpy(ids)
+            # torch.from_numpy takes no negative strides (a reversed view).
+            ids = torch.from_numpy(np.ascontiguousarray(ids))
         if not isinstance(ids, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or numpy array of ints, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

@@ -14,7 +14,9 @@ import numpy as np
 
 def _as_array(name: str, values, dtype) -> np.ndarray:
     if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
+        values = values.detach()
+        # numpy has no bfloat16; float64 holds every floating dtype exactly.
+        values = (values.double() if values.is_floating_point() else values).cpu().numpy()
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")

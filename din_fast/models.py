@@ -290,10 +290,13 @@ def build_model(config: dict, feature_counts: Optional[Mapping[str, np.ndarray]]
     return MODELS[name](feature_counts=feature_counts, **options)
 
 
-def load_checkpoint(path, map_location="cpu") -> _InterestModel:
-    """Rebuilds a model saved by ``din-fast train`` (``{"config", "state_dict"}``), in eval mode."""
+def load_checkpoint(path, map_location="cpu", backend: Optional[str] = None) -> _InterestModel:
+    """Rebuilds a model saved by ``din-fast train`` (``{"config", "state_dict"}``), in eval mode;
+    ``backend`` replaces the one it was trained with (a triton-trained model served on a CPU)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     config = dict(checkpoint["config"])
+    if backend is not None:
+        config["backend"] = backend
     if config.get("mba_lambda", 0.0) > 0:
         # The penalty's counts are in the state_dict; placeholders of the right size get overwritten.
         vocabulary = Vocabulary.from_dict(config["vocabulary"])

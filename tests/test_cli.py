@@ -92,3 +92,34 @@ def test_train_with_dense_l2_and_its_exclusion_of_mba(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *TINY, "--l2", "0.01", "--mba", "0.01"])
     assert "choose one" in capsys.readouterr().err
+
+
+def test_bad_arguments_and_empty_splits_are_readable_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--lr", "-1"])
+    assert "--lr: must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve-bench", "--checkpoint", str(tmp_path / "any.pt"), "--model", "base"])
+    assert "a --checkpoint brings its own" in capsys.readouterr().err
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    assert main(["train", *TINY, "--out", str(taken)]) == 2
+    assert "din-fast: error:" in capsys.readouterr().err
+    # Three ratings of one user: the test split (a share of the users) is empty.
+    movielens = tmp_path / "ml"
+    movielens.mkdir()
+    (movielens / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,1\n1,20,5.0,2\n1,30,1.0,3\n")
+    (movielens / "movies.csv").write_text("movieId,title,genres\n10,A (2000),Drama\n20,B (2001),Comedy\n"
+                                          "30,C (2002),Drama\n")
+    assert main(["train", "--movielens", str(movielens), "--epochs", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "ml_run")]) == 2
+    assert "the test split of" in capsys.readouterr().err
+
+
+def test_serve_bench_replaces_a_checkpoints_backend(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run), "--no-plots", "--backend", "reference"]) == 0
+    capsys.readouterr()
+    assert main(["serve-bench", "--candidates", "5", "--history", "4", "--iterations", "2", "--warmup", "1",
+                 "--threads", "1", "--checkpoint", str(run / "checkpoint.pt"), "--backend", "torch"]) == 0
+    assert "backend torch" in capsys.readouterr().out

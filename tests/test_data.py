@@ -237,6 +237,12 @@ def test_movielens_malformed_line_names_file_and_line(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=r"ratings\.csv:5: expected 4 comma-separated fields"):
         load_movielens(tmp_path)
+    # Numbers a float parser takes but an id, a time or a rating cannot be.
+    for bad in ("1.9,40,4.0,300", "1,40.5,4.0,300", "1,40,nan,300", "1,40,4.0,inf"):
+        lines[4] = bad
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataFileError, match=r"ratings\.csv:5: userId, movieId and timestamp must be integers"):
+            load_movielens(tmp_path)
 
     _write_movielens(tmp_path)
     movies = tmp_path / "movies.csv"

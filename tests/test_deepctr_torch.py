@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 pytest.importorskip("deepctr_torch")
 
@@ -316,6 +317,31 @@ def test_unsupported_configurations_are_refused_and_leave_the_model_unchanged(kw
     with pytest.raises(ValueError, match=message):
         patch(model)
     assert list(model.modules()) == modules  # rolled back: the Dice replaced before the error are restored
+
+
+def test_hooked_layers_and_subclasses_are_refused_and_leave_the_model_unchanged():
+    # The fast path never calls the reused Linear layers, so a pruning hook would never run.
+    model = nn.Sequential(LocalActivationUnit(hidden_units=(4, 3), embedding_dim=5, activation="sigmoid"))
+    prune.l1_unstructured(model[0].dnn.linears[0], "weight", amount=0.5)
+    modules = list(model.modules())
+    with pytest.raises(ValueError, match=r"^0\.dnn\.linears\.0: has forward hooks"):
+        patch(model)
+    assert list(model.modules()) == modules
+
+    class Doubled(LocalActivationUnit):
+        def forward(self, query, user_behavior):
+            return 2 * super().forward(query, user_behavior)
+
+    with pytest.raises(ValueError, match="Doubled subclasses DeepCTR-Torch's LocalActivationUnit"):
+        patch(Doubled(hidden_units=(4, 3), embedding_dim=5, activation="sigmoid"))
+
+
+def test_a_layer_registered_under_two_names_is_replaced_under_both():
+    dice = Dice(4, dim=2)
+    model = nn.Module()
+    model.first, model.second = dice, dice
+    patch(model)
+    assert isinstance(model.first, FastDice) and model.second is model.first
 
 
 def test_mixed_dice_settings_are_refused():

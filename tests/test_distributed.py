@@ -151,6 +151,14 @@ def _union_cases(rank: int) -> dict:
     return results
 
 
+def _broadcast_case(rank: int) -> list:
+    module = torch.nn.BatchNorm1d(3)
+    module.running_mean.fill_(rank + 1.0)
+    module.num_batches_tracked.fill_(rank + 5)
+    distributed.broadcast_buffers(module)
+    return [module.running_mean, module.num_batches_tracked]
+
+
 def _rank_main(rank: int, store: str, out: str, seed: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -163,6 +171,7 @@ def _rank_main(rank: int, store: str, out: str, seed: int) -> None:
             "attention": _attention_case(seed, rank, WORLD),
             "din adam": _train_din("adam", seed, rank, WORLD),
             "din mbasgd": _train_din("mbasgd", seed, rank, WORLD),
+            "buffers": _broadcast_case(rank),
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -192,6 +201,13 @@ def test_union_ids(two_ranks):
         assert [t.tolist() for t in ranks[r]["union"]["tables"]] == [[0, 1, 4, 9], [0, 3, 4]]
     with pytest.raises(ValueError, match="not initialized"):
         distributed.union_ids(torch.tensor([1, 2]))
+
+
+def test_broadcast_buffers_takes_the_first_ranks(two_ranks):
+    _, ranks = two_ranks
+    for r in range(WORLD):
+        running_mean, tracked = ranks[r]["buffers"]
+        assert running_mean.tolist() == [1.0, 1.0, 1.0] and int(tracked) == 5
 
 
 def _assert_sharded_equals_whole(name: str, ranks, whole: dict, batch_keys, summed_keys, shared_keys):
@@ -267,6 +283,8 @@ def test_shard_indices_and_local_batches():
             # Each shard is padded to the global batch's width.
             assert torch.equal(torch.cat([getattr(batch, field) for batch, _ in parts]), getattr(whole, field))
     assert len(shards[0]) == 3
+    with pytest.raises(ValueError, match="shuffling needs rng"):
+        next(distributed.local_batches(data, data.train, GLOBAL_BATCH, MAX_LENGTH, rng=None, rank=0, world=WORLD))
 
 
 def test_batch_size_must_divide_among_processes(monkeypatch, capsys):

@@ -45,6 +45,9 @@ def test_numpy_columns_and_count_features():
     expected = _expected(batches, num_rows, padding_idx=3).clamp(min=1)
     assert torch.equal(count_features(batches, num_rows, padding_idx=3), expected)
     assert torch.equal(count_features(pairs, num_rows, padding_idx=3), expected)
+    # A reversed view (negative strides) counts like the array it views.
+    reversed_views = [b[::-1, ::-1] for b in batches]
+    assert torch.equal(count_features(reversed_views, num_rows, padding_idx=3), expected)
 
 
 @pytest.mark.parametrize("bad, error, message", [

@@ -84,3 +84,9 @@ def test_bad_input():
         auc([1, 0], [float("nan"), 0.3])
     with pytest.raises(ValueError, match="auc_base"):
         rela_impr(0.6, 0.5)
+
+
+def test_metrics_take_16_bit_tensors():
+    labels, scores = torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([0.1, 0.4, 0.35, 0.8])
+    for dtype in (torch.bfloat16, torch.float16):
+        assert auc(labels, scores.to(dtype)) == auc(labels.numpy(), scores.to(dtype).double().numpy())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -38,10 +39,13 @@ def _parse_rating_line(path: Path, number: int, line: bytes) -> Tuple[int, int, 
         raise DataFileError(path, number, f"expected 4 comma-separated fields (userId,movieId,rating,timestamp), "
                                           f"got {len(fields)}")
     try:
-        return int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
+        parsed = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
     except ValueError:
-        raise DataFileError(path, number, f"userId, movieId and timestamp must be integers and rating a number, "
-                                          f"got {line.strip().decode('utf-8', 'replace')!r}") from None
+        parsed = None
+    if parsed is None or not math.isfinite(parsed[2]):
+        raise DataFileError(path, number, f"userId, movieId and timestamp must be integers and rating a finite "
+                                          f"number, got {line.strip().decode('utf-8', 'replace')!r}")
+    return parsed
 
 
 def _parse_rating_block(path: Path, first_number: int, lines: List[bytes]) -> np.ndarray:
@@ -52,7 +56,12 @@ def _parse_rating_block(path: Path, first_number: int, lines: List[bytes]) -> np
         fields = np.array(b",".join(line.strip() for line in lines).split(b","))
         if fields.shape[0] != 4 * len(lines):
             raise ValueError("field count")
-        return fields.astype(np.float64).reshape(-1, 4)
+        block = fields.astype(np.float64).reshape(-1, 4)
+        # float64 reads "1.9" and "nan" too: the ids and times must be whole, the ratings finite.
+        ids_and_times = block[:, [0, 1, 3]]
+        if not (np.isfinite(block).all() and (ids_and_times == np.round(ids_and_times)).all()):
+            raise ValueError("not integers")
+        return block
     except ValueError:
         for offset, line in enumerate(lines):
             _parse_rating_line(path, first_number + offset, line)

@@ -25,8 +25,9 @@ Configurations that din_fast cannot reproduce exactly raise a ``ValueError`` nam
 path and the setting: ``use_bn=True`` in the activation unit's MLP, dropout in training, an
 activation other than the four, different Dice settings across the layers of one MLP, a Dice
 gate that is not a ``BatchNorm1d``, a ``SyncBatchNorm`` that would synchronize over several
-ranks. Forward hooks registered on a replaced module do not carry over (hooks on the reused
-submodules do).
+ranks, a subclass of the three layers (its own ``forward`` would be lost), and forward hooks on a
+replaced layer or on the submodules it reuses (the fast path reads their weights without calling
+them, so a hook such as ``torch.nn.utils.prune``'s would never run).
 
 DeepCTR-Torch is imported when ``patch`` runs, never when din_fast is imported.
 """
@@ -342,19 +343,32 @@ def _patched(module: nn.Module, path: str, classes: Tuple[type, type, type], bac
     module shared by several parents gets one replacement."""
     if id(module) in done:
         return done[id(module)]
-    for name, child in list(module.named_children()):
+    # Every name, not named_children(): it yields a module registered twice under one parent once.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         replacement = _patched(child, f"{path}.{name}" if path else name, classes, backend, done, undo)
         if replacement is not child:
             setattr(module, name, replacement)
             undo.append((module, name, child))
-    attention_cls, unit_cls, dice_cls = classes
     where = path or type(module).__name__
     result = module
-    if isinstance(module, attention_cls):
-        result = FastAttentionSequencePoolingLayer(module, where, backend)
-    elif isinstance(module, unit_cls):
-        result = FastLocalActivationUnit(module, where, backend)
-    elif isinstance(module, dice_cls):
-        result = FastDice(module, where, backend)
+    replacements = dict(zip(classes, (FastAttentionSequencePoolingLayer, FastLocalActivationUnit, FastDice)))
+    for cls, fast in replacements.items():
+        if isinstance(module, cls):
+            if type(module) is not cls:
+                raise ValueError(f"{where}: {type(module).__name__} subclasses DeepCTR-Torch's {cls.__name__}; "
+                                 "patch replaces only the class itself (a subclass's forward would be lost)")
+            _refuse_hooks(module, where)
+            result = fast(module, where, backend)
     done[id(module)] = result
     return result
+
+
+def _refuse_hooks(layer: nn.Module, where: str) -> None:
+    """The fast path calls neither ``layer`` nor the submodules it reuses, so their forward hooks
+    (pruning's, weight normalization's) would silently stop running: refuse them."""
+    for name, module in layer.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise ValueError(f"{where}{'.' + name if name else ''}: has forward hooks, which the din_fast "
+                             "replacement would not run")
