@@ -68,12 +68,17 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
     V.check_momentum(momentum)
     V.check_positive_float("eps", eps)
     group = _training_process_group(process_group, training)
-    op = get_op(resolve_backend(backend, x.device, "dice", x.dtype, _SYNC_UNSUPPORTED if group else None), "dice")
+    unsupported = _SYNC_UNSUPPORTED if group else None
+    if x.numel() // max(channels, 1) >= _DICE_KERNEL_MAX_POSITIONS:
+        unsupported = f"Dice of 2**30 or more positions (x.shape[:-1] = {list(x.shape[:-1])})"
+    op = get_op(resolve_backend(backend, x.device, "dice", x.dtype, unsupported), "dice")
     return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps,
               weight=weight, bias=bias, **group)
 
 
 _SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
+# The Dice kernels index positions in int32, with room for the last chunk's overhang.
+_DICE_KERNEL_MAX_POSITIONS = 2 ** 30
 
 
 def _attention_kernel_unsupported(dim: int, weights: Sequence[Tensor]) -> Optional[str]:

@@ -4,7 +4,8 @@
   registered with ``torch.library`` (``din_fast::mba_penalty`` and its backward
   ``din_fast::mba_penalty_backward``, each with a fake implementation) so ``torch.compile``
   traces it without graph breaks. Forward and backward touch only the batch's unique rows; the
-  backward returns a ``[K, D]`` gradient that is zero outside those rows.
+  backward returns a ``[K, D]`` gradient that is zero outside those rows. It is differentiable
+  once: the backward op has no autograd formula (no double backward, unlike the torch backend).
 * ``mba_sgd_step_`` and ``mba_sgd_fused_``: the in-place eq. 7 updates behind
   ``din_fast.optim`` (which checks their arguments and holds the plain-PyTorch equivalents).
 
