@@ -140,7 +140,7 @@ def _attention_panels(model, data: InteractionData, max_length: int, device, num
             "behaviour_labels": [f"c{c}" for c in history[-shown:, 1]],
             "candidate_labels": [f"item {i} (c{c}) {'clicked' if y else 'not clicked'}"
                                  for i, c, y in zip(candidates[:, 0], candidates[:, 1], test.labels[rows])],
-            "title": f"user {user}: {end} behaviours (last {len(history)} shown)",
+            "title": f"user {user}: {end} behaviours (last {shown} shown)",
         })
         if len(panels) == num_users:
             break
@@ -201,8 +201,10 @@ def _train(args, device: torch.device, parallel: bool) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    # The run folder before the data: a bad --out fails at once, not after minutes of loading.
-    folder = _run_folder(args.out) if main_process else None
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        # Before the data: not after minutes of loading.
+        print(f"din-fast: error: --out {args.out} exists and is not a folder", file=sys.stderr)
+        return 2
     data = _load_data(args)
     log(data.describe(), flush=True)
     for split in ("train", "test"):
@@ -216,6 +218,7 @@ def _train(args, device: torch.device, parallel: bool) -> int:
     compute_loss = model.loss
     if parallel:
         compute_loss = distributed.data_parallel(model, device=device, sync_dice=not args.no_sync_dice)
+    folder = _run_folder(args.out) if main_process else None
     where = f"{world} processes on {device.type}" if parallel else str(device)
     log(f"{model.model_name.upper()} ({sum(p.numel() for p in model.parameters()):,} parameters) on {where}, "
         f"backend {args.backend}; run folder {folder}", flush=True)
@@ -304,7 +307,7 @@ def serve_bench(args) -> int:
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint, backend=args.backend)
     else:
-        model = serving_model(args.model, dice=args.dice, backend=args.backend)
+        model = serving_model(args.model, dice=args.dice, backend=args.backend or "auto")
     model = model.to(device).eval()
     requests = random_requests(model.vocabulary, args.history, args.candidates, count=8, device=device, seed=args.seed)
     result = measure_latency(model, requests, iterations=args.iterations, warmup=args.warmup)
@@ -372,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batch-size", type=_positive_int, default=4096)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="with --mba, sgd applies eq. 7 exactly (MBASGD); adam adds the MBA penalty to the loss")
-    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 5e-3 for adam, 1.0 for sgd)")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default 5e-3 for adam, 1.0 for sgd)")
     t.add_argument("--max-length", type=_positive_int, default=DEFAULT_MAX_LENGTH,
                    help="behaviours kept per sample (the most recent)")
     t.add_argument("--embedding-dim", type=_positive_int, default=18)
@@ -402,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive_int, default=2)
     s.add_argument("--model", choices=["din", "base"], default="din")
     s.add_argument("--dice", action="store_true")
-    s.add_argument("--backend", choices=list(BACKENDS), default="auto",
-                   help="also replaces the backend a --checkpoint was trained with")
+    s.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help="default: auto, or the one a --checkpoint was trained with (which this replaces)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     s.add_argument("--checkpoint", default=None, help="a checkpoint.pt from din-fast train (default: an untrained "
                                                       "model with Amazon's table sizes)")
@@ -435,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.lr = 5e-3 if args.optimizer == "adam" else 1.0
     try:
         return args.handler(args)
-    except (OSError, DataFileError) as error:
+    except (FileNotFoundError, DataFileError) as error:
         print(f"din-fast: error: {error}", file=sys.stderr)
         return 2
 

@@ -119,6 +119,10 @@ def local_batches(data: InteractionData, samples: Samples, batch_size: int, max_
     if shuffle and rng is None:
         raise ValueError("local_batches: shuffling needs rng, a Generator seeded alike on every rank (an "
                          "unseeded one gives each rank its own order: shards overlap and samples go unseen)")
+    return _local_batches(data, samples, batch_size, max_length, rng, rank, world, shuffle, device)
+
+
+def _local_batches(data, samples, batch_size, max_length, rng, rank, world, shuffle, device):
     for index in batch_indices(len(samples), batch_size, shuffle=shuffle, rng=rng):
         if len(index) < world:
             continue

@@ -17,6 +17,11 @@ from .backend import get_op, resolve_backend
 
 Tensor = torch.Tensor
 
+# Shapes past the kernels' int32 indexing: Dice positions (with room for the last chunk's
+# overhang), and the elements of one attention sample's keys, T * D (a position's offset t * D).
+DICE_KERNEL_MAX_POSITIONS = 2 ** 30
+ATTENTION_KERNEL_MAX_SAMPLE = 2 ** 31
+
 
 def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, like: Tensor,
                           sizes: Tuple[int, ...] = (), same_dtype: bool = False) -> None:
@@ -69,20 +74,20 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor] = None, runnin
     V.check_positive_float("eps", eps)
     group = _training_process_group(process_group, training)
     unsupported = _SYNC_UNSUPPORTED if group else None
-    if x.numel() // max(channels, 1) >= _DICE_KERNEL_MAX_POSITIONS:
-        unsupported = f"Dice of 2**30 or more positions (x.shape[:-1] = {list(x.shape[:-1])})"
+    if x.numel() // max(channels, 1) >= DICE_KERNEL_MAX_POSITIONS:
+        unsupported = f"Dice of {DICE_KERNEL_MAX_POSITIONS} or more positions (x.shape[:-1] = {list(x.shape[:-1])})"
     op = get_op(resolve_backend(backend, x.device, "dice", x.dtype, unsupported), "dice")
     return op(x, alpha, running_mean, running_var, mask, training=training, momentum=momentum, eps=eps,
               weight=weight, bias=bias, **group)
 
 
 _SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
-# The Dice kernels index positions in int32, with room for the last chunk's overhang.
-_DICE_KERNEL_MAX_POSITIONS = 2 ** 30
 
 
-def _attention_kernel_unsupported(dim: int, weights: Sequence[Tensor]) -> Optional[str]:
-    """What of this MLP the attention kernels do not take (``din_fast._attention_shapes``), or None."""
+def _attention_kernel_unsupported(seq_len: int, dim: int, weights: Sequence[Tensor]) -> Optional[str]:
+    """What of this call the attention kernels do not take (``din_fast._attention_shapes``), or None."""
+    if seq_len * dim >= ATTENTION_KERNEL_MAX_SAMPLE:
+        return f"keys with T * D >= {ATTENTION_KERNEL_MAX_SAMPLE} (T={seq_len}, D={dim})"
     return kernel_unsupported(dim, [w.shape[0] for w in weights[:-1]])
 
 
@@ -137,7 +142,9 @@ def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[T
                              f"number in every layer, got {len(params)}")
         for j, p in enumerate(params):
             sizes = (width, 1) if activation == "prelu" else (width,)
-            _check_channel_vector(f"act_params[{i}][{j}]", p, width, like, sizes, same_dtype=True)
+            # Dice's running statistics may stay float32 with 16-bit inputs, as BatchNorm's may.
+            statistics = activation == "dice" and j in (1, 2)
+            _check_channel_vector(f"act_params[{i}][{j}]", p, width, like, sizes, same_dtype=not statistics)
     return tuple(tuple(p) for p in act_params)
 
 
@@ -188,7 +195,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     V.check_positive_float("eps", eps)
     group = _training_process_group(process_group if activation == "dice" else None, training)
     backend = resolve_backend(backend, keys.device, "attention_pooling", keys.dtype,
-                              _SYNC_UNSUPPORTED if group else _attention_kernel_unsupported(dim, weights))
+                              _SYNC_UNSUPPORTED if group else _attention_kernel_unsupported(seq_len, dim, weights))
     return get_op(backend, "attention_pooling")(
         query, keys, tuple(weights), tuple(biases), lengths=lengths, mask=mask, activation=activation,
         act_params=act_params, normalization=normalization, softmax_scale=float(softmax_scale),
@@ -228,7 +235,7 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     V.check_positive_float("softmax_scale", softmax_scale)
     V.check_positive_float("eps", eps)
     backend = resolve_backend(backend, history.device, "score_candidates", history.dtype,
-                              _attention_kernel_unsupported(history.shape[1], weights))
+                              _attention_kernel_unsupported(*history.shape, weights))
     op = get_op(backend, "score_candidates")
     return op(history, candidates, tuple(weights), tuple(biases), activation=activation, act_params=act_params,
               normalization=normalization, softmax_scale=float(softmax_scale), eps=eps)

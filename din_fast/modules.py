@@ -41,7 +41,8 @@ class Dice(nn.Module):
 
     Shape:
         x: ``[N, C]`` or ``[N, T, C]``, floating (the triton backend: float32, bfloat16 or
-        float16, computed in fp32); mask: bool ``x.shape[:-1]``; output like x, in x's dtype.
+        float16); every backend computes 16-bit inputs in float32; mask: bool ``x.shape[:-1]``;
+        output like x, in x's dtype.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False,
@@ -97,8 +98,9 @@ class LocalActivationUnit(nn.Module):
 
     Shape:
         query ``[B, D]`` or ``[B, 1, D]``, keys ``[B, T, D]`` -> scores ``[B, T]``. query and keys
-        share one floating dtype (the triton backend: float32, bfloat16 or float16, computed in
-        fp32), the scores have it too. Dice's training statistics count every position (use
+        share one floating dtype (the triton backend: float32, bfloat16 or float16), the scores
+        have it too; the triton and torch backends compute 16-bit inputs in float32 (the kernels'
+        products on them in TF32). Dice's training statistics count every position (use
         ``AttentionPooling`` to exclude padding).
     """
 
@@ -164,7 +166,9 @@ class AttentionPooling(nn.Module):
         query ``[B, D]`` or ``[B, 1, D]``; keys ``[B, T, D]``; lengths ``[B]`` or ``[B, 1]`` ints in
         ``[0, T]`` (any integer dtype), or mask ``[B, T]`` bool -> pooled ``[B, D]`` (and weights
         ``[B, T]`` with ``return_scores=True``). query and keys share one floating dtype (the
-        triton backend: float32, bfloat16 or float16, computed in fp32); the outputs have it too.
+        triton backend: float32, bfloat16 or float16); the outputs have it too. The triton and
+        torch backends compute 16-bit inputs in float32 (the kernels' products on them in TF32;
+        the torch backend on a float32 copy of the keys).
     """
 
     def __init__(self, embedding_dim: int, hidden_units: Sequence[int] = (80, 40), activation: str = "sigmoid",

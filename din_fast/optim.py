@@ -348,7 +348,8 @@ class MBASGD(torch.optim.Optimizer):
       pre-hook, active while autograd is enabled); a bare weight used through
       ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table with
       a nonzero dense gradient and no recorded ids makes ``step`` raise; one whose gradient is
-      all zero (unused by the batch, after ``zero_grad(set_to_none=False)``) has no row to update.
+      all zero is taken as unused by the batch (as after ``zero_grad(set_to_none=False)``) and
+      left alone, eq. 7's penalty included, whether or not the batch looked it up.
 
     Data parallel (``DistributedDataParallel``, which averages the gradients): the global
     mini-batch is the union of the ranks' batches, so each step unites the rows of every rank

@@ -821,6 +821,9 @@ class FoldedMLP:
             self.set_act_vectors(i, vectors)
         # Stands in for the pointers of absent layers and buffers.
         self.dummy = torch.zeros(1, dtype=torch.float32, device=device)
+        # Unused pointers still type the compiled variant: these match the gated specs'.
+        self.no_mask = torch.zeros(1, dtype=torch.uint8, device=device)
+        self.no_counts = torch.zeros(1, dtype=torch.int32, device=device)
 
     def set_act_vectors(self, layer: int, vectors: Sequence[torch.Tensor]) -> None:
         """Hidden layer ``layer``'s ``(p0, ...)`` (up to four ``[H_layer]`` vectors)."""
@@ -893,8 +896,10 @@ def _forward_config(constexprs: dict, seq_len: int, dtype: torch.dtype, statisti
     block = min(block, _padded(seq_len))
     if dtype != torch.float32:
         # From DP * H1P = 128 * 256 up (a held fold, or one built chunk by chunk) the forward
-        # sits at the limit, where setting it spills.
-        at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256
+        # sits at the limit, where setting it spills; not the softmax forwards at DP = 256, whose
+        # fp32 outputs (output_dtype) make ptxas, left to itself, pick 128 registers and spill.
+        softmax = constexprs["NORM"] == NORMALIZATION_CODES["softmax"]
+        at_limit = not statistics and dim_p * hidden_p[0] >= 128 * 256 and not (softmax and dim_p == 256)
         return _ForwardLaunch(block, chunk, 8 if wide or statistics else 4, None if at_limit else MAX_REGISTERS)
     return _ForwardLaunch(block, chunk, 4 if statistics and hidden_p[0] <= 128 and not three_layers else 8,
                           MAX_REGISTERS if _small(constexprs) else None)
@@ -1061,8 +1066,15 @@ def _padded_hidden(constexprs: dict) -> List[int]:
     return [constexprs["H1P"], constexprs["H2P"], constexprs["H3P"]][:constexprs["NUM_HIDDEN"]]
 
 
-def _mask_bytes(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
-    return dummy if mask is None else mask.contiguous().view(torch.uint8)
+def _mask_bytes(mask: Optional[torch.Tensor], no_mask: torch.Tensor) -> torch.Tensor:
+    return no_mask if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def output_dtype(keys_dtype: torch.dtype, normalization: str) -> torch.dtype:
+    """The dtype the forward writes pooled and weights in: keys', but fp32 with softmax, whose
+    backward forms ``delta_b = sum_t w_t dL/dw_t`` from them; rounded to 16 bits, they would
+    carry that rounding into the score layer's gradients, sums that cancel exactly."""
+    return torch.float32 if normalization == "softmax" else keys_dtype
 
 
 def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, span: torch.Tensor,
@@ -1074,7 +1086,8 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     Args:
         query: ``[B, D]`` (last stride 1); keys: ``[B, T, D]`` (last stride 1, any batch stride,
             including 0); span: int32 ``[B]``; mask: optional bool ``[B, T]``.
-        pooled, weights: optional preallocated outputs ``[B, D]`` and ``[B, T]`` in keys' dtype.
+        pooled, weights: optional preallocated outputs ``[B, D]`` and ``[B, T]`` in
+            ``output_dtype(keys.dtype, normalization)``.
 
     Returns:
         ``(pooled [B, D], weights [B, T], row_max [B] fp32, row_sum [B] fp32)``; the last two
@@ -1082,10 +1095,11 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     """
     batch, seq_len, dim = keys.shape
     device = keys.device
+    out_dtype = output_dtype(keys.dtype, normalization)
     if pooled is None:
-        pooled = torch.empty(batch, dim, dtype=keys.dtype, device=device)
+        pooled = torch.empty(batch, dim, dtype=out_dtype, device=device)
     if weights is None:
-        weights = torch.empty(batch, seq_len, dtype=keys.dtype, device=device)
+        weights = torch.empty(batch, seq_len, dtype=out_dtype, device=device)
     row_max = torch.empty(batch, dtype=torch.float32, device=device)
     row_sum = torch.empty(batch, dtype=torch.float32, device=device)
     if batch == 0:
@@ -1098,8 +1112,8 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
     launch = _forward_config(constexprs, seq_len, keys.dtype)
     _din_attention_fwd_kernel[(batch,)](
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
-        mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), pooled, weights, logits, row_max, row_sum,
-        mlp.dummy, mlp.dummy, mlp.dummy, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
+        mlp.act_packed, span, _mask_bytes(mask, mlp.no_mask), pooled, weights, logits, row_max, row_sum,
+        mlp.no_counts, mlp.dummy, mlp.dummy, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
         float(softmax_scale), **constexprs, BLOCK_T=launch.block_t, BD=launch.chunk, STAT_LAYER=0,
         num_warps=launch.num_warps, maxnreg=launch.maxnreg)
     return pooled, weights, row_max, row_sum
@@ -1129,7 +1143,7 @@ def dice_layer_statistics(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedML
         launch = _forward_config(constexprs, seq_len, keys.dtype, statistics=True)
         _din_attention_fwd_kernel[(batch,)](
             query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
-            mlp.act_packed, span, _mask_bytes(mask, mlp.dummy), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
+            mlp.act_packed, span, _mask_bytes(mask, mlp.no_mask), mlp.dummy, mlp.dummy, mlp.dummy, mlp.dummy,
             mlp.dummy, counts, means, m2s, seq_len, query.stride(0), keys.stride(0), keys.stride(1), 1.0,
             **constexprs, BLOCK_T=launch.block_t, BD=launch.chunk, STAT_LAYER=layer + 1,
             num_warps=launch.num_warps, maxnreg=launch.maxnreg)
@@ -1180,8 +1194,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
     grad_pooled = grad_pooled.float().contiguous()
     grad_weights = grad_weights.float().contiguous()
     if normalization == "softmax":
-        # From the stored outputs: with 16-bit inputs their rounding (2^-9 relative in bfloat16)
-        # passes into delta and so into the score layer's gradients, whose exact sums cancel.
+        # pooled and weights are the forward's fp32 outputs (output_dtype).
         delta = (grad_pooled * pooled.float()).sum(-1) + (grad_weights * weights.float()).sum(-1)
     else:
         delta = mlp.dummy
@@ -1216,7 +1229,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
         for launch in launches:
             _din_attention_bwd_kernel[(num_programs,)](
                 query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
-                mlp.act_packed, span, _mask_bytes(mask, mlp.dummy),
+                mlp.act_packed, span, _mask_bytes(mask, mlp.no_mask),
                 grad_pooled, grad_weights, row_max, row_sum, delta,
                 grad_keys, grad_u, grad_query_part,
                 part_p, part_pq, dummy_layers[0][0], dummy_layers[0][1], dummy_layers[1][0], dummy_layers[1][1],
@@ -1286,7 +1299,7 @@ def _aot_specs(shapes: Sequence[Tuple[int, Sequence[int]]] = GATED_SHAPES) -> Li
     backward_scalars = dict(B="i32", T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32", stride_gkb="i32",
                             stride_gkt="i32", softmax_scale="fp32", keep_all="i32")
     for dtype, io in _DTYPE_SIG.items():
-        forward_pointers = dict(query_ptr=io, keys_ptr=io, pooled_ptr=io, weights_ptr=io, **index_types)
+        forward_pointers = dict(query_ptr=io, keys_ptr=io, **index_types)
         backward_pointers = dict(query_ptr=io, keys_ptr=io, grad_keys_ptr=io, **index_types)
         for dim, hidden in shapes:
             for activation, act_code in _SPEC_ACTIVATIONS.items():
@@ -1307,9 +1320,13 @@ def _aot_specs(shapes: Sequence[Tuple[int, Sequence[int]]] = GATED_SHAPES) -> Li
                             for stat_layer in (0, *stat_layers):
                                 launch = _forward_config(constexprs, seq_len, dtype, statistics=stat_layer > 0)
                                 stage = f"_stats{stat_layer}" if stat_layer else ""
+                                # A statistics pass writes neither output: the launcher passes
+                                # its fp32 dummy for both.
+                                out = "*fp32" if stat_layer else _DTYPE_SIG[output_dtype(dtype, normalization)]
+                                pointers = dict(forward_pointers, pooled_ptr=out, weights_ptr=out)
                                 specs.append(_spec(
                                     f"din_attention_fwd_{tag}{stage}_t{launch.block_t}",
-                                    _din_attention_fwd_kernel, forward_pointers, forward_scalars,
+                                    _din_attention_fwd_kernel, pointers, forward_scalars,
                                     dict(constexprs, BLOCK_T=launch.block_t, BD=launch.chunk,
                                          STAT_LAYER=stat_layer),
                                     launch.num_warps, launch.maxnreg,

@@ -324,7 +324,7 @@ def test_hooked_layers_and_subclasses_are_refused_and_leave_the_model_unchanged(
     model = nn.Sequential(LocalActivationUnit(hidden_units=(4, 3), embedding_dim=5, activation="sigmoid"))
     prune.l1_unstructured(model[0].dnn.linears[0], "weight", amount=0.5)
     modules = list(model.modules())
-    with pytest.raises(ValueError, match=r"^0\.dnn\.linears\.0: has forward hooks"):
+    with pytest.raises(ValueError, match=r"^0\.dnn\.linears\.0: has forward or backward hooks"):
         patch(model)
     assert list(model.modules()) == modules
 
@@ -332,8 +332,14 @@ def test_hooked_layers_and_subclasses_are_refused_and_leave_the_model_unchanged(
         def forward(self, query, user_behavior):
             return 2 * super().forward(query, user_behavior)
 
-    with pytest.raises(ValueError, match="Doubled subclasses DeepCTR-Torch's LocalActivationUnit"):
+    with pytest.raises(ValueError, match="Doubled overrides the forward of DeepCTR-Torch's LocalActivationUnit"):
         patch(Doubled(hidden_units=(4, 3), embedding_dim=5, activation="sigmoid"))
+
+    class Renamed(LocalActivationUnit):
+        pass
+
+    assert isinstance(patch(Renamed(hidden_units=(4, 3), embedding_dim=5, activation="sigmoid")),
+                      FastLocalActivationUnit)
 
 
 def test_a_layer_registered_under_two_names_is_replaced_under_both():

@@ -284,7 +284,7 @@ def test_shard_indices_and_local_batches():
             assert torch.equal(torch.cat([getattr(batch, field) for batch, _ in parts]), getattr(whole, field))
     assert len(shards[0]) == 3
     with pytest.raises(ValueError, match="shuffling needs rng"):
-        next(distributed.local_batches(data, data.train, GLOBAL_BATCH, MAX_LENGTH, rng=None, rank=0, world=WORLD))
+        distributed.local_batches(data, data.train, GLOBAL_BATCH, MAX_LENGTH, rng=None, rank=0, world=WORLD)
 
 
 def test_batch_size_must_divide_among_processes(monkeypatch, capsys):

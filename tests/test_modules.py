@@ -252,6 +252,20 @@ def test_mlp_parameters_in_another_dtype_are_named(backend, culprit):
             call()
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dice_running_statistics_may_stay_float32_with_16_bit_inputs(backend):
+    # As BatchNorm's buffers may: only the parameters must share the inputs' dtype.
+    query, keys = torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    weights = [torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(1, 3, dtype=torch.bfloat16)]
+    biases = [torch.randn(3, dtype=torch.bfloat16), torch.randn(1, dtype=torch.bfloat16)]
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    act_params = [(torch.rand(3, dtype=torch.bfloat16), running_mean, running_var)]
+    pooled, _ = F.attention_pooling(query, keys, weights, biases, activation="dice", act_params=act_params,
+                                    training=True, backend=backend)
+    assert pooled.dtype == torch.bfloat16 and running_mean.dtype == torch.float32
+    assert not torch.equal(running_mean, torch.zeros(3))
+
+
 def test_tensors_on_different_devices_are_named():
     # The meta device stands in for a second device on a CPU-only machine.
     with pytest.raises(ValueError, match="query on meta, keys on cpu"):

@@ -323,6 +323,12 @@ def test_keys_whose_offsets_overflow_int32_are_made_contiguous():
     assert not triton_attention._indexable(keys(24, 8, 2))
     assert not triton_attention._indexable(keys(8, 2 ** 30, 1))
     assert not triton_attention._indexable(keys(2 ** 31, 8, 1))
+    # A sample of 2**31 elements or more is a shape the kernels do not take: "auto" uses torch.
+    query, long_keys = torch.empty(1, 64, device="meta"), torch.empty(1, 2 ** 25, 64, device="meta")
+    weights, biases = [torch.empty(8, 256, device="meta"), torch.empty(1, 8, device="meta")], \
+        [torch.empty(8, device="meta"), torch.empty(1, device="meta")]
+    with pytest.raises(NotImplementedError, match=r"keys with T \* D >= 2147483648 \(T=33554432, D=64\)"):
+        functional.attention_pooling(query, long_keys, weights, biases, backend="triton")
 
 
 def test_float64_is_refused():
@@ -389,12 +395,14 @@ def test_torch_compile_traces_without_graph_breaks():
     assert_close(grad, want_grad.double(), torch.float32, "grad query")
 
 
-@pytest.mark.parametrize("activation,training,transposed", [("sigmoid", False, False), ("dice", True, False),
-                                                             ("sigmoid", False, True)])
-def test_custom_ops_pass_opcheck(activation, training, transposed):
-    query = torch.randn(2, 18, device=DEVICE)
-    keys = torch.randn(2, 4, 18, device=DEVICE)
-    weights, biases, act_params = make_mlp(18, (12, 6), activation, torch.float32, affine=training)
+@pytest.mark.parametrize("activation,training,transposed,dtype", [
+    ("sigmoid", False, False, torch.float32), ("dice", True, False, torch.float32),
+    ("sigmoid", False, True, torch.float32), ("sigmoid", False, False, torch.bfloat16)])
+def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
+    # bfloat16 with softmax: the forward's pooled and weights are fp32 (output_dtype), fakes too.
+    query = torch.randn(2, 18, device=DEVICE).to(dtype)
+    keys = torch.randn(2, 4, 18, device=DEVICE).to(dtype)
+    weights, biases, act_params = make_mlp(18, (12, 6), activation, dtype, affine=training)
     if transposed:
         # The gradients are contiguous whatever the inputs' strides; the fake kernels say so too.
         query = query.t().contiguous().t()
@@ -430,6 +438,43 @@ def test_aot_specs_cover_every_option():
     for spec in kernels.AOT_SPECS:
         assert set(spec["signature"]) == set(spec["fn"].arg_names)
         assert all(spec["signature"][name] == "constexpr" for name in spec["constexprs"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_launches_take_the_gated_pointer_types(monkeypatch, dtype, normalization):
+    # Every launch (forward, Dice statistics passes, backward) passes tensors of the element
+    # types the compile gate's spec of the same configuration declares: the gate compiled the
+    # very variant that runs.
+    type_names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
+                  torch.uint8: "*u8"}
+    specs = {(spec["fn"], spec["signature"]["keys_ptr"], tuple(sorted(spec["constexprs"].items()))): spec
+             for spec in kernels._aot_specs([(18, (12, 8))])}
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.kernel, args, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_din_attention_fwd_kernel", "_din_attention_bwd_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    run_and_compare(2, 5, 18, (12, 8), activation="dice", normalization=normalization, training=True, dtype=dtype,
+                    api="triton_ops", lengths=torch.tensor([5, 2], device=DEVICE))
+    assert len(launched) >= 3
+    mismatches = []
+    for kernel, args, kwargs in launched:
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "maxnreg", "num_stages")}
+        spec = specs[(kernel, type_names[dtype], tuple(sorted(constexprs.items())))]
+        mismatches += [(spec["name"], arg_name, type_names[value.dtype], spec["signature"][arg_name])
+                       for arg_name, value in zip(kernel.arg_names, args)
+                       if isinstance(value, torch.Tensor) and type_names[value.dtype] != spec["signature"][arg_name]]
+    assert not mismatches
 
 
 # ----------------------------------------------------------------------------------------------

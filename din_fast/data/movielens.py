@@ -38,14 +38,15 @@ def _parse_rating_line(path: Path, number: int, line: bytes) -> Tuple[int, int, 
     if len(fields) != 4:
         raise DataFileError(path, number, f"expected 4 comma-separated fields (userId,movieId,rating,timestamp), "
                                           f"got {len(fields)}")
+    # The block parser's rule: any number float64 reads, the ids and time whole, all finite.
     try:
-        parsed = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
+        user, movie, rating, time = (float(field) for field in fields)
     except ValueError:
-        parsed = None
-    if parsed is None or not math.isfinite(parsed[2]):
+        user = movie = rating = time = math.nan
+    if not all(math.isfinite(v) and v == round(v) for v in (user, movie, time)) or not math.isfinite(rating):
         raise DataFileError(path, number, f"userId, movieId and timestamp must be integers and rating a finite "
                                           f"number, got {line.strip().decode('utf-8', 'replace')!r}")
-    return parsed
+    return int(user), int(movie), rating, int(time)
 
 
 def _parse_rating_block(path: Path, first_number: int, lines: List[bytes]) -> np.ndarray:

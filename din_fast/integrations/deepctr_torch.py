@@ -25,7 +25,7 @@ Configurations that din_fast cannot reproduce exactly raise a ``ValueError`` nam
 path and the setting: ``use_bn=True`` in the activation unit's MLP, dropout in training, an
 activation other than the four, different Dice settings across the layers of one MLP, a Dice
 gate that is not a ``BatchNorm1d``, a ``SyncBatchNorm`` that would synchronize over several
-ranks, a subclass of the three layers (its own ``forward`` would be lost), and forward hooks on a
+ranks, a subclass of the three layers with its own ``forward`` (it would be lost), and hooks on a
 replaced layer or on the submodules it reuses (the fast path reads their weights without calling
 them, so a hook such as ``torch.nn.utils.prune``'s would never run).
 
@@ -353,12 +353,11 @@ def _patched(module: nn.Module, path: str, classes: Tuple[type, type, type], bac
             undo.append((module, name, child))
     where = path or type(module).__name__
     result = module
-    replacements = dict(zip(classes, (FastAttentionSequencePoolingLayer, FastLocalActivationUnit, FastDice)))
-    for cls, fast in replacements.items():
+    for cls, fast in zip(classes, (FastAttentionSequencePoolingLayer, FastLocalActivationUnit, FastDice)):
         if isinstance(module, cls):
-            if type(module) is not cls:
-                raise ValueError(f"{where}: {type(module).__name__} subclasses DeepCTR-Torch's {cls.__name__}; "
-                                 "patch replaces only the class itself (a subclass's forward would be lost)")
+            if type(module).forward is not cls.forward:
+                raise ValueError(f"{where}: {type(module).__name__} overrides the forward of DeepCTR-Torch's "
+                                 f"{cls.__name__}, which the din_fast replacement would lose")
             _refuse_hooks(module, where)
             result = fast(module, where, backend)
     done[id(module)] = result
@@ -366,9 +365,10 @@ def _patched(module: nn.Module, path: str, classes: Tuple[type, type, type], bac
 
 
 def _refuse_hooks(layer: nn.Module, where: str) -> None:
-    """The fast path calls neither ``layer`` nor the submodules it reuses, so their forward hooks
+    """The fast path calls neither ``layer`` nor the submodules it reuses, so their hooks
     (pruning's, weight normalization's) would silently stop running: refuse them."""
     for name, module in layer.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            raise ValueError(f"{where}{'.' + name if name else ''}: has forward hooks, which the din_fast "
-                             "replacement would not run")
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
+                or module._backward_pre_hooks:
+            raise ValueError(f"{where}{'.' + name if name else ''}: has forward or backward hooks, which the "
+                             "din_fast replacement would not run")

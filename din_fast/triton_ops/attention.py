@@ -74,9 +74,7 @@ def _prepare(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Seq
         query = query.contiguous()
     if not _indexable(keys):
         keys = keys.contiguous()
-    batch, seq_len, dim = keys.shape
-    if seq_len * dim > _INT32_MAX:
-        raise ValueError(f"the triton backend takes keys with T * D < 2**31 per sample, got T={seq_len}, D={dim}")
+    batch, seq_len, _ = keys.shape
     hidden = [int(w.shape[0]) for w in weights[:-1]]
     act_vectors = [() for _ in hidden] if batch_statistics else _act_vectors(activation, hidden, act_flat, eps)
     mlp = _k.FoldedMLP(weights, biases, act_vectors,
@@ -104,10 +102,10 @@ def _attention_pooling_fwd(query: Tensor, keys: Tensor, weights: List[Tensor], b
                            lengths: Optional[Tensor], mask: Optional[Tensor], act_flat: List[Tensor],
                            activation: str, normalization: str, softmax_scale: float, eps: float, training: bool,
                            dice_stats: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(pooled, weights, row_max, row_sum, dice_mean, dice_var, dice_count)``; the
-    last three are the Dice layers' fp32 batch statistics ``[NUM_HIDDEN, HMAX]`` (zero past each
-    layer's width) and the number of positions they ran over ``[]``, with training-mode Dice;
-    else empty."""
+    """Returns ``(pooled, weights, row_max, row_sum, dice_mean, dice_var, dice_count)``: pooled
+    and weights in ``output_dtype`` (fp32 with softmax, for the backward), the last three the
+    Dice layers' fp32 batch statistics ``[NUM_HIDDEN, HMAX]`` (zero past each layer's width) and
+    the number of positions they ran over ``[]``, with training-mode Dice; else empty."""
     batch_statistics = _batch_statistics(activation, training)
     query, keys, mlp, span = _prepare(query, keys, weights, biases, lengths, mask, activation, act_flat, eps,
                                       batch_statistics)
@@ -137,7 +135,8 @@ def _(query, keys, weights, biases, lengths, mask, act_flat, activation, normali
         count_shape = ()
     else:
         stats_shape = count_shape = (0,)
-    return (keys.new_empty(batch, dim), keys.new_empty(batch, seq_len),
+    out_dtype = _k.output_dtype(keys.dtype, normalization)
+    return (keys.new_empty(batch, dim, dtype=out_dtype), keys.new_empty(batch, seq_len, dtype=out_dtype),
             keys.new_empty(batch, dtype=torch.float32), keys.new_empty(batch, dtype=torch.float32),
             keys.new_empty(stats_shape, dtype=torch.float32), keys.new_empty(stats_shape, dtype=torch.float32),
             keys.new_empty(count_shape, dtype=torch.float32))
@@ -291,7 +290,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
             width = params[0].shape[0]
             update_running_stats(params[1], params[2], dice_mean[i, :width], dice_var[i, :width], dice_count,
                                  momentum)
-    return pooled, attn_weights
+    return pooled.to(keys.dtype), attn_weights.to(keys.dtype)
 
 
 def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
