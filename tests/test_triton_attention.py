@@ -53,6 +53,16 @@ def trainable_names(activation, act_params):
     return [f"act_params[{i}][0]" for i in range(len(act_params))] if activation == "prelu" else []
 
 
+def compare_with_reference(reference_fn, inputs, weights, biases, outputs, dtype, act_params=(), **options):
+    """``outputs`` (pooled, weights) against ``reference_fn`` run in float64 on the same inputs,
+    MLP and activation parameters (no gradients)."""
+    expected = reference_fn(*(t.double() for t in inputs), [w.double() for w in weights],
+                            [b.double() for b in biases],
+                            act_params=[tuple(p.double() for p in layer) for layer in act_params], **options)
+    for name, got, want in zip(("pooled", "weights"), outputs, expected):
+        assert_close(got, want, dtype, name)
+
+
 def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normalization="none", softmax_scale=1.0,
                     dtype=torch.float32, lengths=None, mask=None, prelu_shared=False, api="functional",
                     grad_scale=1.0, affine=False, training=False, dice_stats="valid", momentum=0.1):
@@ -257,11 +267,8 @@ def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
     attn = nan_filled((batch, seq_len), torch.float32, DEVICE)
     kernels.attention_forward(query, keys, mlp, span, None, normalization=normalization, activation="sigmoid",
                               softmax_scale=0.8, pooled=pooled, weights=attn)
-    ref_pooled, ref_attn = reference.attention_pooling(query.double(), keys.double(), [w.double() for w in weights],
-                                                       [b.double() for b in biases], lengths=lengths,
-                                                       normalization=normalization, softmax_scale=0.8)
-    assert_close(pooled, ref_pooled, torch.float32, "pooled")
-    assert_close(attn, ref_attn, torch.float32, "weights")
+    compare_with_reference(reference.attention_pooling, (query, keys), weights, biases, (pooled, attn), torch.float32,
+                           lengths=lengths, normalization=normalization, softmax_scale=0.8)
 
 
 @pytest.mark.parametrize("activation,normalization,affine,dtype", [
@@ -278,14 +285,10 @@ def test_score_candidates_matches_reference(activation, normalization, affine, d
     with nan_filled_allocations():
         pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton",
                                                    **options)
-    ref_options = dict(options, act_params=[tuple(p.double() for p in layer) for layer in act_params])
-    ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
-                                                      [w.double() for w in weights], [b.double() for b in biases],
-                                                      **ref_options)
     assert pooled.shape == (num_candidates, dim) and attn.shape == (num_candidates, seq_len)
     assert pooled.dtype == dtype and attn.dtype == dtype
-    assert_close(pooled, ref_pooled, dtype, "pooled")
-    assert_close(attn, ref_attn, dtype, "weights")
+    compare_with_reference(reference.score_candidates, (history, candidates), weights, biases, (pooled, attn), dtype,
+                           **options)
 
 
 def test_score_candidates_single_position_and_single_candidate():
@@ -293,11 +296,8 @@ def test_score_candidates_single_position_and_single_candidate():
     weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, normalization="softmax",
                                                backend="triton")
-    ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
-                                                      [w.double() for w in weights], [b.double() for b in biases],
-                                                      normalization="softmax")
-    assert_close(pooled, ref_pooled, torch.float32, "pooled")
-    assert_close(attn, ref_attn, torch.float32, "weights")
+    compare_with_reference(reference.score_candidates, (history, candidates), weights, biases, (pooled, attn),
+                           torch.float32, normalization="softmax")
 
 
 def test_score_candidates_with_a_transposed_history():
@@ -306,10 +306,8 @@ def test_score_candidates_with_a_transposed_history():
     candidates = torch.randn(num_candidates, dim, device=DEVICE)
     weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton")
-    ref_pooled, ref_attn = reference.score_candidates(history.double(), candidates.double(),
-                                                      [w.double() for w in weights], [b.double() for b in biases])
-    assert_close(pooled, ref_pooled, torch.float32, "pooled")
-    assert_close(attn, ref_attn, torch.float32, "weights")
+    compare_with_reference(reference.score_candidates, (history, candidates), weights, biases, (pooled, attn),
+                           torch.float32)
 
 
 def test_keys_whose_offsets_overflow_int32_are_made_contiguous():
@@ -368,11 +366,8 @@ def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hi
         functional.score_candidates(keys[0], query, weights, biases, backend="triton")
     with pytest.raises(NotImplementedError, match=pattern):
         kernels.FoldedMLP(weights, biases, [() for _ in hidden])
-    pooled, attn = functional.attention_pooling(query, keys, weights, biases, backend="auto")
-    expected, expected_attn = reference.attention_pooling(query.double(), keys.double(),
-                                                          [w.double() for w in weights], [b.double() for b in biases])
-    assert_close(pooled, expected, torch.float32, "pooled")
-    assert_close(attn, expected_attn, torch.float32, "weights")
+    outputs = functional.attention_pooling(query, keys, weights, biases, backend="auto")
+    compare_with_reference(reference.attention_pooling, (query, keys), weights, biases, outputs, torch.float32)
 
 
 def test_torch_compile_traces_without_graph_breaks():
