@@ -439,14 +439,11 @@ def _in_float32(activation: str, inputs: Sequence[Tensor], weights: Sequence[Ten
     computes in float32 like the kernels (in 16-bit arithmetic its sums over B * T positions
     lose several digits). Dice's running statistics stay the caller's buffers, which ``dice``
     updates in place."""
-    def up(t: Tensor) -> Tensor:
-        return t.float()
-
     if activation == "dice":
-        act_params = [(up(layer[0]), *layer[1:3], *map(up, layer[3:])) for layer in act_params]
+        act_params = [(layer[0].float(), *layer[1:3], *(p.float() for p in layer[3:])) for layer in act_params]
     else:
-        act_params = [tuple(map(up, layer)) for layer in act_params]
-    return [up(t) for t in inputs], [up(w) for w in weights], [up(b) for b in biases], act_params
+        act_params = [tuple(p.float() for p in layer) for layer in act_params]
+    return [t.float() for t in inputs], [w.float() for w in weights], [b.float() for b in biases], act_params
 
 
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,

@@ -303,7 +303,7 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     The history is handed to the kernel as a batch-stride-0 view, so every program reads the
     same ``[T, D]`` rows and no per-candidate copy exists.
     """
-    if history.stride(-1) != 1:
+    if not _indexable(history[None]):
         # Made contiguous once here: the launcher would copy the expanded view per candidate.
         history = history.contiguous()
     keys = history[None].expand(candidates.shape[0], -1, -1)
