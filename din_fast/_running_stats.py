@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ._numerics import compute_dtype
+
 
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, momentum: float) -> None:
@@ -17,7 +19,7 @@ def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Opti
         return
     with torch.no_grad():
         # At least float32: a count over 65504 is inf in float16.
-        var = var.to(torch.promote_types(var.dtype, torch.float32))
+        var = var.to(compute_dtype(var.dtype))
         count = count.to(var.dtype)
         unbiased = var * count / (count - 1).clamp(min=1)
         seen = count > 0

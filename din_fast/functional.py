@@ -13,14 +13,10 @@ import torch
 
 from . import _validation as V
 from ._attention_shapes import kernel_unsupported
+from ._numerics import ATTENTION_KERNEL_MAX_SAMPLE, DICE_KERNEL_MAX_POSITIONS
 from .backend import get_op, resolve_backend
 
 Tensor = torch.Tensor
-
-# Shapes past the kernels' int32 indexing: Dice positions (with room for the last chunk's
-# overhang), and the elements of one attention sample's keys, T * D (a position's offset t * D).
-DICE_KERNEL_MAX_POSITIONS = 2 ** 30
-ATTENTION_KERNEL_MAX_SAMPLE = 2 ** 31
 
 
 def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, like: Tensor,

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import _validation as V
+from ._numerics import compute_dtype
 from .backend import BACKENDS, resolve_backend
 from .functional import check_counts
 
@@ -144,10 +145,6 @@ def _triton_mba(backend: str, device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _unique_rows(ids: Tensor, padding_idx: Optional[int]) -> Tensor:
     rows = torch.unique(ids.reshape(-1)).to(torch.int64)
     return rows if padding_idx is None else rows[rows != padding_idx]
@@ -155,7 +152,7 @@ def _unique_rows(ids: Tensor, padding_idx: Optional[int]) -> Tensor:
 
 def _torch_update_rows_(weight: Tensor, rows: Tensor, grad_at_rows: Tensor, counts: Tensor, lam: float,
                         lr: float) -> Tensor:
-    compute = _compute_dtype(weight.dtype)
+    compute = compute_dtype(weight.dtype)
     w = weight.index_select(0, rows).to(compute)
     scale = lam / counts.index_select(0, rows).to(compute)
     weight.index_copy_(0, rows, (w - lr * (grad_at_rows.to(compute) + scale[:, None] * w)).to(weight.dtype))
@@ -179,7 +176,7 @@ def _torch_sgd_step_(weight, grad, ids, counts, lam, lr, padding_idx=None) -> Te
     if grad.is_sparse:
         grad_ids = grad._indices()[0]
         rows = _unique_rows(grad_ids if ids is None else ids, padding_idx)
-        grad_at_rows = _torch_segment_sum(rows, grad_ids, grad._values(), _compute_dtype(weight.dtype))
+        grad_at_rows = _torch_segment_sum(rows, grad_ids, grad._values(), compute_dtype(weight.dtype))
     else:
         rows = _unique_rows(ids, padding_idx)
         grad_at_rows = grad.index_select(0, rows)
@@ -189,7 +186,7 @@ def _torch_sgd_step_(weight, grad, ids, counts, lam, lr, padding_idx=None) -> Te
 def _torch_sgd_fused_(weight, ids, grad_rows, counts, lam, lr, padding_idx=None) -> Tensor:
     flat_ids = ids.reshape(-1).to(torch.int64)
     rows, position = torch.unique(flat_ids, return_inverse=True)
-    compute = _compute_dtype(weight.dtype)
+    compute = compute_dtype(weight.dtype)
     grad_at_rows = torch.zeros(rows.shape[0], weight.shape[1], dtype=compute, device=weight.device)
     grad_at_rows.index_add_(0, position, grad_rows.reshape(flat_ids.shape[0], weight.shape[1]).to(compute))
     if padding_idx is not None:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._numerics import compute_dtype
 from ._running_stats import update_running_stats
 from ._validation import valid_mask
 
@@ -93,7 +94,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
         ``[..., C]`` in ``x``'s dtype; 16-bit inputs compute in float32 (their sums of squares
         overflow float16, and eps = 1e-8 rounds to 0 in it), with the parameters in float32 too.
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = compute_dtype(x.dtype)
     s = x.to(compute)
     if training:
         mean, var, count = dice_statistics(s, mask, process_group)
@@ -235,7 +236,7 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tens
     """
     present = batch_indicator(ids, weight.shape[0])
     # In at least float32: float16 squares overflow, and n_j = 257 is 256 in bfloat16.
-    compute = torch.promote_types(weight.dtype, torch.float32)
+    compute = compute_dtype(weight.dtype)
     w = weight.to(compute)
     per_row = (w * w).sum(dim=1) / counts.to(compute)
     return (0.5 * lam * torch.where(present, per_row, torch.zeros_like(per_row)).sum()).to(weight.dtype)

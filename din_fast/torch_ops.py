@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._numerics import compute_dtype
 from ._running_stats import update_running_stats
 
 Tensor = torch.Tensor
@@ -28,7 +29,7 @@ def _sum_over_ranks(*values: Tensor, process_group) -> Tuple[Tensor, ...]:
     if process_group is None:
         return values
     import torch.distributed as dist
-    dtype = torch.promote_types(values[0].dtype, torch.float32)
+    dtype = compute_dtype(values[0].dtype)
     packed = torch.cat([v.reshape(-1).to(dtype) for v in values])
     dist.all_reduce(packed, group=process_group)
     return tuple(part.view_as(v).to(v.dtype if v.is_floating_point() else dtype)
@@ -136,7 +137,7 @@ def dice(x: Tensor, alpha: Tensor, running_mean: Optional[Tensor], running_var: 
          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, process_group=None) -> Tensor:
     """Dice of ``x`` ``[..., C]``; see ``din_fast.reference.dice``. 16-bit inputs compute in
     float32: their sums of squares overflow float16, and eps = 1e-8 rounds to 0 in it."""
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = compute_dtype(x.dtype)
     flat = x.reshape(-1, x.shape[-1]).to(compute)
     keep = None if mask is None else mask.reshape(-1)
     if training:
@@ -352,7 +353,7 @@ class _PointwiseAttention(torch.autograd.Function):
         grad_scores = grad_scores.reshape(-1)
 
         # Sums over blocks in at least float32: a 16-bit running sum would round at every block.
-        acc_dtype = torch.promote_types(keys.dtype, torch.float32)
+        acc_dtype = compute_dtype(keys.dtype)
         grads_w = [None] + [torch.zeros_like(w, dtype=acc_dtype) for w in weights[1:]]
         grads_b = [None] + [torch.zeros_like(b, dtype=acc_dtype) for b in biases[1:]]
         grads_slope = [torch.zeros_like(a, dtype=acc_dtype) for a in slopes]
@@ -516,7 +517,7 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tens
     """``lam / 2 * sum_{j in unique(ids)} ||w_j||^2 / n_j``, reading only the batch's rows."""
     rows = torch.unique(ids.reshape(-1))
     # In at least float32, as the kernels: float16 squares overflow, and n_j = 257 is 256 in bfloat16.
-    compute = torch.promote_types(weight.dtype, torch.float32)
+    compute = compute_dtype(weight.dtype)
     picked = weight.index_select(0, rows).to(compute)
     per_row = (picked * picked).sum(dim=1) / counts.index_select(0, rows).to(compute)
     return (0.5 * lam * per_row.sum()).to(weight.dtype)

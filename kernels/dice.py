@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast._numerics import DICE_KERNEL_MAX_POSITIONS
 from din_fast.kernels._jit import jit_unspecialized
 
 Tensor = torch.Tensor
-
 # (BLOCK_M, BLOCK_C, num_warps) of the one-launch path: BLOCK_M is the most rows it holds.
 ONE_PASS_CONFIGS = ((32, 64, 4), (512, 8, 8))
 ONE_PASS_MAX_ROWS = ONE_PASS_CONFIGS[-1][0]
@@ -489,7 +489,7 @@ def _check_2d(x: Tensor) -> Tuple[int, int]:
     assert x.dim() == 2 and x.is_contiguous(), "launchers take x as a contiguous [M, C] tensor"
     rows, channels = x.shape
     # Row indices are int32 (element offsets are int64), with room for the last chunk's overhang.
-    assert rows < 2**30, "at most 2**30 positions"
+    assert rows < DICE_KERNEL_MAX_POSITIONS, f"at most {DICE_KERNEL_MAX_POSITIONS} positions"
     return rows, channels
 
 

@@ -1,0 +1,18 @@
+"""Numeric rules that the dispatch, the backends and the kernels share, Triton-free so that the
+dispatch can apply them without importing Triton."""
+
+from __future__ import annotations
+
+import torch
+
+# Past the kernels' int32 indexing: Dice positions (row indices are int32, with room for the last
+# chunk's overhang), and the elements of one attention sample's keys, T * D (a position's offset
+# t * D).
+DICE_KERNEL_MAX_POSITIONS = 2 ** 30
+ATTENTION_KERNEL_MAX_SAMPLE = 2 ** 31
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute sums and statistics of ``dtype`` values in: at least float32
+    (float16 squares overflow, a count over 256 rounds in bfloat16); float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
