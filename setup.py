@@ -14,11 +14,11 @@ setup(
     # `benchmarks` would collide with other packages.
     package_dir={"din_fast.kernels": "kernels", "din_fast.benchmarks": "benchmarks"},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
         "tqdm",
         "matplotlib",
-        "triton; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
         # deepctr-torch for the drop-in tests; it imports requests without declaring it.

@@ -80,7 +80,9 @@ class _DiceFunction(torch.autograd.Function):
         gate_input = (x - mean).mul_(rstd)
         if weight is not None:
             gate_input = gate_input.mul_(weight).add_(bias)
-        return gate_input.sigmoid_().mul_(1 - alpha).add_(alpha).mul_(x)
+        # The last product out of place: an output made in place by an op that reads an input
+        # gets wrong gradients under torch.compile on torch 2.11.
+        return gate_input.sigmoid_().mul_(1 - alpha).add_(alpha) * x
 
     @staticmethod
     @torch.autograd.function.once_differentiable
