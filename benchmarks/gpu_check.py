@@ -4,7 +4,8 @@
 network, in five stages, and writes everything flat under ``--out`` (9 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
-   natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose.
+   natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose, in
+   one process per CPU core (up to 16) where pytest-xdist is installed, all on one seed.
 2. ``checks.jsonl``: the triton backend against the reference run in float64 on canonical full
    sizes (attention pooling B=1024 T=100 D=36 with ragged lengths, Dice 409600x40 and serving
    C=200 T=100 D=36 in float32, bfloat16 and float16; the fused MBA step K=1M D=64 on 4096x101
@@ -36,8 +37,10 @@ shapes, and the compile provider is skipped.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -67,6 +70,20 @@ def kernel_test_files() -> List[str]:
     return files
 
 
+# Most worker processes for the kernel tests. Triton compiles each kernel variant on first use,
+# one at a time per process, and the tests launch about 450 variants (10 to 15 minutes of
+# compiling in one process), so with pytest-xdist they spread over the CPU cores.
+MAX_TEST_WORKERS = 16
+
+
+def kernel_test_workers(dry_run: bool) -> int:
+    """Processes for the native kernel tests: one per CPU core up to ``MAX_TEST_WORKERS`` where
+    pytest-xdist is installed, else 1; 1 in a dry run, which only collects."""
+    if dry_run or importlib.util.find_spec("xdist") is None:
+        return 1
+    return max(1, min(MAX_TEST_WORKERS, os.cpu_count() or 1))
+
+
 def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, object]:
     files = kernel_test_files()
     if not files:
@@ -75,8 +92,13 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, ob
     if not dry_run:
         env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # One seed for every worker (each would draw its own), printed in the log's header for replay.
+    env.setdefault("DIN_FAST_TEST_SEED", str(random.randrange(2**31)))
     command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
                f"--junitxml={out / 'junit.xml'}"]
+    workers = kernel_test_workers(dry_run)
+    if workers > 1:
+        command += ["-n", str(workers)]
     if dry_run:
         command.append("--collect-only")
     start = time.perf_counter()

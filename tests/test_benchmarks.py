@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import roofline, run  # noqa: E402
+from benchmarks import gpu_check, roofline, run  # noqa: E402
 
 # The torch backend must beat the eager reference on attention pooling forward + backward
 # (B=1024, T=100, D=36, hidden (80, 40)). The target is 3x; the assertion uses a lower floor
@@ -128,6 +128,17 @@ def test_table_has_ratio_columns_and_plot_draws_sweeps(tmp_path):
     assert len(written) == 1 and "vs_T" in written[0].name
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.speedup_series(plot.load_rows(str(path)), "T", dict(B=1024, D=36)) == {"torch": [(50, 2.0), (100, 2.5)]}
+
+
+@pytest.mark.parametrize("has_xdist,cpus,dry_run,expected", [
+    (True, 64, False, gpu_check.MAX_TEST_WORKERS), (True, 4, False, 4), (True, None, False, 1),
+    (True, 64, True, 1), (False, 64, False, 1)])
+def test_gpu_check_spreads_the_kernel_tests_over_the_cores(monkeypatch, has_xdist, cpus, dry_run, expected):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if has_xdist else None) if name == "xdist" else find_spec(name, *args))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert gpu_check.kernel_test_workers(dry_run) == expected
 
 
 def test_gpu_check_dry_run(tmp_path):
