@@ -71,8 +71,8 @@ def kernel_test_files() -> List[str]:
 
 
 # Most worker processes for the kernel tests. Triton compiles each kernel variant on first use,
-# one at a time per process, and the tests launch about 450 variants (10 to 15 minutes of
-# compiling in one process), so with pytest-xdist they spread over the CPU cores.
+# one at a time per process, and the tests launch 455 variants of 1 to 4 s each (far past the
+# stage's budget in one process), so with pytest-xdist they spread over the CPU cores.
 MAX_TEST_WORKERS = 16
 
 
