@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-# Past the kernels' int32 indexing: Dice positions (row indices are int32, with room for the last
-# chunk's overhang), and the elements of one attention sample's keys, T * D (a position's offset
-# t * D).
+# Past the kernels' int32 indexing. Dice: positions (row indices are int32, with room for the last
+# chunk's overhang). Attention: strides, and a position's offset within a sample (t * stride; only
+# the sample's offset is widened to int64), so also the elements of one sample's keys, T * D.
 DICE_KERNEL_MAX_POSITIONS = 2 ** 30
-ATTENTION_KERNEL_MAX_SAMPLE = 2 ** 31
+ATTENTION_KERNEL_INDEX_LIMIT = 2 ** 31
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

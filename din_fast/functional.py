@@ -13,7 +13,7 @@ import torch
 
 from . import _validation as V
 from ._attention_shapes import kernel_unsupported
-from ._numerics import ATTENTION_KERNEL_MAX_SAMPLE, DICE_KERNEL_MAX_POSITIONS
+from ._numerics import ATTENTION_KERNEL_INDEX_LIMIT, DICE_KERNEL_MAX_POSITIONS
 from .backend import get_op, resolve_backend
 
 Tensor = torch.Tensor
@@ -82,8 +82,8 @@ _SYNC_UNSUPPORTED = "Dice statistics synchronized over a process group"
 
 def _attention_kernel_unsupported(seq_len: int, dim: int, weights: Sequence[Tensor]) -> Optional[str]:
     """What of this call the attention kernels do not take (``din_fast._attention_shapes``), or None."""
-    if seq_len * dim >= ATTENTION_KERNEL_MAX_SAMPLE:
-        return f"keys with T * D >= {ATTENTION_KERNEL_MAX_SAMPLE} (T={seq_len}, D={dim})"
+    if seq_len * dim >= ATTENTION_KERNEL_INDEX_LIMIT:
+        return f"keys with T * D >= {ATTENTION_KERNEL_INDEX_LIMIT} (T={seq_len}, D={dim})"
     return kernel_unsupported(dim, [w.shape[0] for w in weights[:-1]])
 
 

@@ -433,9 +433,6 @@ def _mask_and_rows_to_pack(valid: Optional[Tensor]) -> Tuple[Optional[Tensor], O
     return valid, rows if rows.numel() <= PACK_MAX_VALID_FRACTION * valid.numel() else None
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def _in_float32(activation: str, inputs: Sequence[Tensor], weights: Sequence[Tensor], biases: Sequence[Tensor],
                 act_params: Sequence[Sequence[Tensor]]):
     """float32 casts (autograd follows them) of 16-bit inputs and parameters: the attention then
@@ -459,7 +456,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
 
     Returns ``(pooled [B, D], weights [B, T])``.
     """
-    if keys.dtype in _HALF_DTYPES:
+    if compute_dtype(keys.dtype) != keys.dtype:
         (query, keys_32), weights, biases, act_params = _in_float32(activation, (query, keys), weights, biases,
                                                                     act_params)
         pooled, attn = attention_pooling(query, keys_32, weights, biases, lengths=lengths, mask=mask,
@@ -498,7 +495,7 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """
-    if history.dtype in _HALF_DTYPES:
+    if compute_dtype(history.dtype) != history.dtype:
         (history_32, candidates), weights, biases, act_params = _in_float32(activation, (history, candidates),
                                                                             weights, biases, act_params)
         pooled, attn = score_candidates(history_32, candidates, weights, biases, activation=activation,

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from din_fast._numerics import compute_dtype
 from din_fast.kernels._jit import jit_unspecialized
 
 # Elements of a [rows, D] tile held by one program of the row-parallel kernels (half for
@@ -140,12 +141,6 @@ def _mba_sgd_segment_kernel(weight_ptr, grad_rows_ptr, order_ptr, seg_start_ptr,
 # ----------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute in for a table of ``dtype``: float64 stays float64, every
-    other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _acc_dtype(dtype: torch.dtype):

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from din_fast._numerics import ATTENTION_KERNEL_INDEX_LIMIT
 from din_fast._running_stats import update_running_stats
 from din_fast.kernels import attention as _k
 
@@ -26,9 +27,6 @@ Tensor = torch.Tensor
 
 _PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The kernels take strides as int32 and form a position's offset as ``t * stride`` in int32
-# (only the sample's offset is widened).
-_INT32_MAX = 2 ** 31 - 1
 
 
 def _dice_layers(hidden: Sequence[int], act_flat: Sequence[Tensor]) -> List[Sequence[Tensor]]:
@@ -62,7 +60,8 @@ def _indexable(t: Tensor) -> bool:
     """Whether the kernels can index ``t`` (``[B, D]`` or ``[B, T, D]``) as it is: a unit last
     stride, and the batch stride and every offset within a sample in int32."""
     within_sample = sum(stride * (size - 1) for stride, size in zip(t.stride()[1:], t.shape[1:]))
-    return t.stride(-1) == 1 and t.stride(0) <= _INT32_MAX and within_sample <= _INT32_MAX
+    return (t.stride(-1) == 1 and t.stride(0) < ATTENTION_KERNEL_INDEX_LIMIT
+            and within_sample < ATTENTION_KERNEL_INDEX_LIMIT)
 
 
 def _prepare(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor],

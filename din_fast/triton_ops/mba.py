@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from din_fast._numerics import compute_dtype
 from din_fast.kernels import mba as _k
 
 Tensor = torch.Tensor
@@ -33,7 +34,7 @@ def _unique_rows(ids: Tensor, padding_idx: Optional[int] = None) -> Tensor:
 
 def _row_counts(counts: Tensor, rows: Tensor, table_dtype: torch.dtype) -> Tensor:
     # Gathering first keeps the cost in the batch's unique rows, not in K.
-    return counts.index_select(0, rows).to(_k.compute_dtype(table_dtype))
+    return counts.index_select(0, rows).to(compute_dtype(table_dtype))
 
 
 def _unit_stride(t: Tensor) -> Tensor:
@@ -67,7 +68,7 @@ def _(weight, ids, counts, lam):
 @torch.library.custom_op("din_fast::mba_penalty_backward", mutates_args=())
 def _mba_penalty_backward_op(grad_out: Tensor, weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tensor:
     rows = _unique_rows(ids)
-    coef = (grad_out.to(_k.compute_dtype(weight.dtype)) * lam).reshape(1)
+    coef = (grad_out.to(compute_dtype(weight.dtype)) * lam).reshape(1)
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     return _k.mba_penalty_backward(_unit_stride(weight), rows, _row_counts(counts, rows, weight.dtype), coef,
                                    grad_weight)
