@@ -166,8 +166,8 @@ def test_dice_training_statistics_of_a_large_batch(dice_stats):
 @pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("dice", False)])
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
 def test_every_allocation_filled_with_nan_first(activation, dice_affine, normalization):
-    # Every buffer the torch backend allocates with torch.empty* starts as NaN (integers as
-    # -12345), forward and backward: an element left unwritten would reach an output.
+    # Every buffer the torch backend allocates with torch.empty* starts as NaN (signed integers
+    # as -1), forward and backward: an element left unwritten would reach an output.
     with nan_filled_allocations():
         test_attention_pooling_matches_reference(torch.float32, ATTENTION_SHAPES[0], activation, normalization,
                                                  0.5, True, "valid", dice_affine)

@@ -222,7 +222,7 @@ def test_longest_sequence():
 @pytest.mark.parametrize("case", ["sigmoid", "relu softmax across tiles", "dice training, 3 layers", "bfloat16 prelu",
                                   "all lengths 0"])
 def test_every_allocation_filled_with_nan_first(case):
-    # Every buffer the launchers allocate with torch.empty* starts as NaN (integers as -12345),
+    # Every buffer the launchers allocate with torch.empty* starts as NaN (signed integers as -1),
     # forward and backward: an element left unwritten would reach an output or a gradient.
     lengths = {"relu softmax across tiles": [40, 21], "all lengths 0": [0, 0]}.get(case, [5, 0])
     options = {
