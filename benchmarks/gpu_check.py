@@ -92,7 +92,7 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, ob
     if not dry_run:
         env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    # One seed for every worker (each would draw its own), printed in the log's header for replay.
+    # One seed for every worker (each would draw its own).
     env.setdefault("DIN_FAST_TEST_SEED", str(random.randrange(2**31)))
     command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
                f"--junitxml={out / 'junit.xml'}"]
@@ -109,7 +109,9 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, ob
         log = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         log += f"\n*** pytest stopped after {timeout_s:.0f} s ***\n"
         returncode = -1
-    (out / "pytest.log").write_text(" ".join(command) + "\n\n" + log)
+    # pytest -q under xdist prints no report header, so the seed goes in front of the command.
+    replay = f"DIN_FAST_TEST_SEED={env['DIN_FAST_TEST_SEED']} " + " ".join(command)
+    (out / "pytest.log").write_text(replay + "\n\n" + log)
     last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
     return dict(stage="tests", ok=returncode == 0, summary=f"{' '.join(files)}: {last[0]} "
                 f"({time.perf_counter() - start:.0f} s)")
@@ -374,7 +376,7 @@ def run_deepctr(out: Path, device: str, dry_run: bool) -> Optional[List[dict]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _compiled_resources(kernel) -> List[dict]:
+def compiled_resources(kernel) -> List[dict]:
     """Registers and spills of every variant ``kernel`` (a ``JITFunction``) compiled so far;
     empty under the interpreter. Triton's cache layout varies between versions, so this reads
     it defensively."""
@@ -447,7 +449,7 @@ def compare_specialization(out: Path, device: str, dry_run: bool) -> List[dict]:
                 rows.append(row)
         finally:
             use(shipped)
-        resources[op] = {label: {name: _compiled_resources(kernel) for name, kernel in variant.items()}
+        resources[op] = {label: {name: compiled_resources(kernel) for name, kernel in variant.items()}
                          for label, variant in (("shipped", shipped), ("specialized", specialized))}
     with (out / "specialization.jsonl").open("w") as handle:
         for row in rows:

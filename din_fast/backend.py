@@ -93,14 +93,14 @@ def resolve_backend(backend: str, device: torch.device, op: str, dtype: torch.dt
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' was requested but Triton is not installed (pip install triton)")
-        if device.type != "cuda" and not triton_interpreter():
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 "
-                "to run the kernels in Triton's interpreter on the CPU")
         if _triton_module(op) is None:
             raise NotImplementedError(f"the triton backend has no kernel for {op!r} yet; use backend='torch'")
         if triton_unsupported:
             raise NotImplementedError(f"the triton backend does not support {triton_unsupported}; use backend='torch'")
+        if device.type != "cuda" and not triton_interpreter():
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 "
+                "to run the kernels in Triton's interpreter on the CPU")
     return backend
 
 

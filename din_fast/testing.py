@@ -20,6 +20,10 @@ TOLERANCES: Dict[torch.dtype, Dict[str, float]] = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
 
+# Where the kernel tests put their tensors: the GPU when there is one, else the CPU, where the
+# kernels run in Triton's interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "",
                  scale: float = 1.0) -> None:

@@ -231,13 +231,18 @@ PACK_MAX_VALID_FRACTION = 0.75
 BLOCK_ROWS = 4096
 
 
-def _row_blocks(batch: int, seq_len: int, packed_rows: Optional[Tensor]) -> List[Tuple[int, int]]:
+def _row_blocks(batch: int, seq_len: int, packed_rows: Optional[Tensor], device: torch.device
+                ) -> List[Tuple[int, int]]:
     """``[start, end)`` ranges: of samples (``T`` positions each) with the fold, of packed rows
-    otherwise, each about ``BLOCK_ROWS`` positions."""
+    otherwise, each about ``BLOCK_ROWS`` positions; on a GPU one range: blocks serve the CPU's
+    caches and heap, and on a GPU each costs a dozen kernel launches (at B = 4096, T = 100 the
+    blocked forward took 20x the eager reference's time on an H200)."""
     if packed_rows is None:
         total, step = batch, max(1, BLOCK_ROWS // max(seq_len, 1))
     else:
         total, step = packed_rows.numel(), BLOCK_ROWS
+    if device.type == "cuda":
+        step = max(total, 1)
     return [(start, min(start + step, total)) for start in range(0, total, step)]
 
 
@@ -288,7 +293,7 @@ class _PointwiseAttention(torch.autograd.Function):
         batch, seq_len, dim = keys.shape
         w_u, w_k, w_p = _split_first_layer(weights[0], dim)
         per_sample = F.linear(query, w_u, biases[0])
-        blocks = _row_blocks(batch, seq_len, packed_rows)
+        blocks = _row_blocks(batch, seq_len, packed_rows, keys.device)
         if packed_rows is None:
             scores = keys.new_empty(batch * seq_len)
         else:

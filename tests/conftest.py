@@ -21,6 +21,14 @@ def pytest_report_header(config):
     return f"din_fast test seed: {SEED} (replay with DIN_FAST_TEST_SEED={SEED})"
 
 
+@pytest.fixture
+def on_kernel_device():
+    """Tensors made without a device go to ``KERNEL_DEVICE``, where the kernels run."""
+    from din_fast.testing import KERNEL_DEVICE
+    with torch.device(KERNEL_DEVICE):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seeded(request):
     torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))

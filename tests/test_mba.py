@@ -1,5 +1,5 @@
 """Mini-batch aware regularization (eq. 4-7): penalty, fused updates and the MBASGD optimizer,
-on the triton backend (Triton's interpreter here) and the torch backend, against the float64
+on the triton backend (natively on a GPU, else in Triton's interpreter) and the torch backend, against the float64
 reference."""
 
 import pytest
@@ -11,8 +11,10 @@ import din_fast
 from din_fast import reference as R
 from din_fast.kernels import mba as K
 from din_fast.optim import MBASGD, mba_sgd_fused_, mba_sgd_step_
-from din_fast.testing import assert_close, nan_filled
+from din_fast.testing import KERNEL_DEVICE, assert_close, nan_filled
 from din_fast.triton_ops import mba as T
+
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -94,13 +96,13 @@ def test_penalty_launchers_write_exactly_the_batch_rows():
     rows = torch.tensor([0, 4, 5, 17, 22])
     row_counts = torch.randint(1, 9, (rows.numel(),)).float()
 
-    out = K.mba_penalty_rows(weight, rows, row_counts, out=nan_filled(rows.shape, torch.float32, "cpu"))
+    out = K.mba_penalty_rows(weight, rows, row_counts, out=nan_filled(rows.shape, torch.float32, KERNEL_DEVICE))
     expected = (weight[rows].double() ** 2).sum(1) / row_counts.double()
     assert_close(out, expected, torch.float32, "per-row penalty")
 
     coef = torch.tensor([0.8])
     grad_weight = K.mba_penalty_backward(weight, rows, row_counts, coef,
-                                         nan_filled(weight.shape, torch.float32, "cpu"))
+                                         nan_filled(weight.shape, torch.float32, KERNEL_DEVICE))
     assert_close(grad_weight[rows], 0.8 * weight[rows].double() / row_counts.double()[:, None], torch.float32,
                  "grad rows")
     others = torch.ones(num_rows, dtype=torch.bool)
@@ -262,7 +264,7 @@ def test_repeated_id_is_regularized_once(backend, form):
 def test_launchers_leave_other_rows_bit_identical_with_nan_table():
     # NaN everywhere outside the batch: a kernel reading or writing any other row would show.
     num_rows, dim = 19, 18
-    weight = nan_filled((num_rows, dim), torch.float32, "cpu")
+    weight = nan_filled((num_rows, dim), torch.float32, KERNEL_DEVICE)
     rows = torch.tensor([2, 3, 11])
     weight[rows] = torch.randn(3, dim)
     grad = torch.randn(num_rows, dim)

@@ -7,7 +7,7 @@ import torch
 
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE
-from din_fast.testing import (assert_close, assert_padding_is_zero, cancelling_sum_scale, nan_filled,
+from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, cancelling_sum_scale, nan_filled,
                               nan_filled_allocations)
 
 triton = pytest.importorskip("triton")
@@ -15,23 +15,23 @@ triton = pytest.importorskip("triton")
 from din_fast.kernels import attention as kernels  # noqa: E402
 from din_fast.triton_ops import attention as triton_attention  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 
 def make_mlp(dim, hidden, activation, dtype, prelu_shared=False, affine=False):
     """Random MLP parameters (nn.Linear layout) and per-layer activation parameters (Dice: alpha,
     running mean and variance, and with ``affine`` the gate's weight and bias)."""
     sizes = [4 * dim, *hidden, 1]
-    weights = [(torch.randn(out, inp, device=DEVICE) / inp ** 0.5).to(dtype) for inp, out in zip(sizes, sizes[1:])]
-    biases = [(0.1 * torch.randn(out, device=DEVICE)).to(dtype) for out in sizes[1:]]
+    weights = [(torch.randn(out, inp) / inp ** 0.5).to(dtype) for inp, out in zip(sizes, sizes[1:])]
+    biases = [(0.1 * torch.randn(out)).to(dtype) for out in sizes[1:]]
     if activation == "prelu":
-        act_params = [((0.5 * torch.rand(1 if prelu_shared else h, device=DEVICE)).to(dtype),) for h in hidden]
+        act_params = [((0.5 * torch.rand(1 if prelu_shared else h)).to(dtype),) for h in hidden]
     elif activation == "dice":
-        act_params = [(torch.rand(h, device=DEVICE).to(dtype), (0.3 * torch.randn(h, device=DEVICE)).to(dtype),
-                       (0.5 + torch.rand(h, device=DEVICE)).to(dtype)) for h in hidden]
+        act_params = [(torch.rand(h).to(dtype), (0.3 * torch.randn(h)).to(dtype),
+                       (0.5 + torch.rand(h)).to(dtype)) for h in hidden]
         if affine:
-            act_params = [layer + ((1.0 + 0.5 * torch.randn(h, device=DEVICE)).to(dtype),
-                                   (0.3 * torch.randn(h, device=DEVICE)).to(dtype))
+            act_params = [layer + ((1.0 + 0.5 * torch.randn(h)).to(dtype),
+                                   (0.3 * torch.randn(h)).to(dtype))
                           for layer, h in zip(act_params, hidden)]
     else:
         act_params = [() for _ in hidden]
@@ -69,8 +69,8 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     """Runs the triton backend and the float64 reference on the same inputs and upstream
     gradients, and compares pooled, weights, the gradient of every input and parameter and (Dice
     in training) the updated running statistics."""
-    query = torch.randn(batch, dim, device=DEVICE).to(dtype)
-    keys = torch.randn(batch, seq_len, dim, device=DEVICE).to(dtype)
+    query = torch.randn(batch, dim).to(dtype)
+    keys = torch.randn(batch, seq_len, dim).to(dtype)
     weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, prelu_shared, affine)
     leaves = [query, keys, *weights, *biases, *trainable(activation, act_params)]
     for t in leaves:
@@ -122,7 +122,7 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
             assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
             assert_close(layer[2], ref_layer[2], dtype, f"running_var[{i}]")
     if lengths is not None or mask is not None:
-        valid = mask if mask is not None else torch.arange(seq_len, device=DEVICE)[None, :] < lengths[:, None]
+        valid = mask if mask is not None else torch.arange(seq_len)[None, :] < lengths[:, None]
         # Statistics over all positions carry gradient to the padding keys, and the query's with them.
         through_statistics = activation == "dice" and training and dice_stats == "all"
         assert_padding_is_zero(valid, pooled, attn, *((None, None) if through_statistics else grads[:2]))
@@ -132,7 +132,7 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
 @pytest.mark.parametrize("normalization,softmax_scale", [("none", 1.0), ("softmax", 1.0), ("softmax", 0.37)])
 def test_activations_and_normalizations(activation, normalization, softmax_scale):
-    lengths = torch.tensor([5, 0, 3], device=DEVICE)
+    lengths = torch.tensor([5, 0, 3])
     run_and_compare(3, 5, 18, (20, 12), activation=activation, normalization=normalization,
                     softmax_scale=softmax_scale, lengths=lengths)
 
@@ -140,26 +140,26 @@ def test_activations_and_normalizations(activation, normalization, softmax_scale
 @pytest.mark.parametrize("hidden", [(80, 40), (64, 16), (200,), (24, 10, 6)])
 def test_hidden_layouts(hidden):
     run_and_compare(2, 7, 36, hidden, activation="prelu", normalization="softmax", softmax_scale=0.5,
-                    lengths=torch.tensor([7, 4], device=DEVICE))
+                    lengths=torch.tensor([7, 4]))
 
 
 @pytest.mark.parametrize("dim", [1, 18, 36])
 def test_odd_embedding_sizes(dim):
     run_and_compare(2, 3, dim, (10,), activation="sigmoid", normalization="none",
-                    lengths=torch.tensor([3, 2], device=DEVICE))
+                    lengths=torch.tensor([3, 2]))
 
 
 def test_long_sequence_spans_several_tiles():
     # 40 positions cross two 32-row forward tiles and three 16-row backward tiles; the online
     # softmax rescales across them.
     run_and_compare(2, 40, 18, (16, 8), activation="relu", normalization="softmax",
-                    lengths=torch.tensor([40, 21], device=DEVICE))
+                    lengths=torch.tensor([40, 21]))
 
 
 def test_paper_shape_with_dice_inference():
     # D = 36, hidden (80, 40) as in the paper; 70 positions span several tiles of both kernels.
     run_and_compare(2, 70, 36, (80, 40), activation="dice", normalization="softmax", softmax_scale=1 / 6,
-                    lengths=torch.tensor([70, 33], device=DEVICE))
+                    lengths=torch.tensor([70, 33]))
 
 
 def test_single_position_and_single_sample():
@@ -173,20 +173,20 @@ def test_no_lengths_means_all_valid():
 
 def test_bool_mask_with_holes():
     mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, False],
-                         [False, True, False, False, True]], device=DEVICE)
+                         [False, True, False, False, True]])
     run_and_compare(3, 5, 18, (12, 8), activation="prelu", normalization="softmax", mask=mask)
     run_and_compare(3, 5, 18, (12, 8), activation="sigmoid", normalization="none", mask=mask)
 
 
 def test_shared_prelu_weight():
     run_and_compare(2, 4, 18, (12, 8), activation="prelu", normalization="none", prelu_shared=True,
-                    lengths=torch.tensor([4, 1], device=DEVICE))
+                    lengths=torch.tensor([4, 1]))
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
 def test_all_padding_gives_zero_output_and_zero_gradients(normalization):
     pooled, attn, grads = run_and_compare(2, 4, 18, (12,), activation="sigmoid", normalization=normalization,
-                                          lengths=torch.zeros(2, dtype=torch.long, device=DEVICE))
+                                          lengths=torch.zeros(2, dtype=torch.long))
     assert torch.equal(pooled, torch.zeros_like(pooled)) and torch.equal(attn, torch.zeros_like(attn))
     for grad in grads:
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -203,12 +203,12 @@ def test_all_padding_gives_zero_output_and_zero_gradients(normalization):
 ])
 def test_half_precision_inputs(dtype, seq_len, hidden, activation, normalization, affine):
     run_and_compare(3, seq_len, 18, hidden, activation=activation, normalization=normalization, affine=affine,
-                    dtype=dtype, lengths=torch.tensor([seq_len, 0, 1], device=DEVICE))
+                    dtype=dtype, lengths=torch.tensor([seq_len, 0, 1]))
 
 
 def test_half_precision_mask_with_holes():
     mask = torch.tensor([[True, False, True, True, False], [False, False, False, False, False],
-                         [False, True, False, False, True]], device=DEVICE)
+                         [False, True, False, False, True]])
     run_and_compare(3, 5, 18, (12, 8), activation="sigmoid", normalization="softmax", dtype=torch.bfloat16,
                     mask=mask)
 
@@ -216,7 +216,7 @@ def test_half_precision_mask_with_holes():
 def test_longest_sequence():
     # T = 4096, the longest length the launch rules name: 128 forward and 256 backward tiles.
     run_and_compare(2, 4096, 8, (8,), activation="sigmoid", normalization="softmax",
-                    lengths=torch.tensor([4096, 1000], device=DEVICE))
+                    lengths=torch.tensor([4096, 1000]))
 
 
 @pytest.mark.parametrize("case", ["sigmoid", "relu softmax across tiles", "dice training, 3 layers", "bfloat16 prelu",
@@ -237,12 +237,12 @@ def test_every_allocation_filled_with_nan_first(case):
     seq_len = options.pop("seq_len")
     hidden = options.pop("hidden")
     with nan_filled_allocations():
-        run_and_compare(2, seq_len, 18, hidden, lengths=torch.tensor(lengths, device=DEVICE), **options)
+        run_and_compare(2, seq_len, 18, hidden, lengths=torch.tensor(lengths), **options)
 
 
 def test_direct_triton_op_call():
     run_and_compare(2, 3, 18, (12,), activation="dice", normalization="softmax", api="triton_ops",
-                    lengths=torch.tensor([1, 3], device=DEVICE))
+                    lengths=torch.tensor([1, 3]))
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
@@ -250,21 +250,21 @@ def test_lengths_out_of_range_act_clamped_where_unchecked(normalization):
     # Under torch.compile the range check cannot read lengths; the kernels then take them clamped
     # to [0, T], as the reference's mask does, never reading or writing past a sample. A strided
     # int32 lengths tensor is read element by element, not as contiguous memory.
-    lengths = torch.tensor([9, 0, -40, 0, 2, 0], dtype=torch.int32, device=DEVICE)[::2]
+    lengths = torch.tensor([9, 0, -40, 0, 2, 0], dtype=torch.int32)[::2]
     run_and_compare(3, 5, 18, (12, 8), normalization=normalization, api="triton_ops", lengths=lengths)
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
 def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
     batch, seq_len, dim, hidden = 3, 37, 18, (12, 8)
-    query = torch.randn(batch, dim, device=DEVICE)
-    keys = torch.randn(batch, seq_len, dim, device=DEVICE)
+    query = torch.randn(batch, dim)
+    keys = torch.randn(batch, seq_len, dim)
     weights, biases, act_params = make_mlp(dim, hidden, "sigmoid", torch.float32)
-    lengths = torch.tensor([37, 0, 5], device=DEVICE)
+    lengths = torch.tensor([37, 0, 5])
     mlp = kernels.FoldedMLP(weights, biases, [() for _ in hidden])
-    span = kernels.sequence_span(batch, seq_len, lengths, None, DEVICE)
-    pooled = nan_filled((batch, dim), torch.float32, DEVICE)
-    attn = nan_filled((batch, seq_len), torch.float32, DEVICE)
+    span = kernels.sequence_span(batch, seq_len, lengths, None, KERNEL_DEVICE)
+    pooled = nan_filled((batch, dim), torch.float32, KERNEL_DEVICE)
+    attn = nan_filled((batch, seq_len), torch.float32, KERNEL_DEVICE)
     kernels.attention_forward(query, keys, mlp, span, None, normalization=normalization, activation="sigmoid",
                               softmax_scale=0.8, pooled=pooled, weights=attn)
     compare_with_reference(reference.attention_pooling, (query, keys), weights, biases, (pooled, attn), torch.float32,
@@ -278,8 +278,8 @@ def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
 ])
 def test_score_candidates_matches_reference(activation, normalization, affine, dtype):
     seq_len, num_candidates, dim, hidden = 6, 5, 18, (12, 8)
-    history = torch.randn(seq_len, dim, device=DEVICE).to(dtype)
-    candidates = torch.randn(num_candidates, dim, device=DEVICE).to(dtype)
+    history = torch.randn(seq_len, dim).to(dtype)
+    candidates = torch.randn(num_candidates, dim).to(dtype)
     weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, affine=affine)
     options = dict(activation=activation, act_params=act_params, normalization=normalization, softmax_scale=0.6)
     with nan_filled_allocations():
@@ -292,7 +292,7 @@ def test_score_candidates_matches_reference(activation, normalization, affine, d
 
 
 def test_score_candidates_single_position_and_single_candidate():
-    history, candidates = torch.randn(1, 18, device=DEVICE), torch.randn(1, 18, device=DEVICE)
+    history, candidates = torch.randn(1, 18), torch.randn(1, 18)
     weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, normalization="softmax",
                                                backend="triton")
@@ -302,8 +302,8 @@ def test_score_candidates_single_position_and_single_candidate():
 
 def test_score_candidates_with_a_transposed_history():
     seq_len, num_candidates, dim, hidden = 7, 4, 18, (12, 8)
-    history = torch.randn(dim, seq_len, device=DEVICE).t()
-    candidates = torch.randn(num_candidates, dim, device=DEVICE)
+    history = torch.randn(dim, seq_len).t()
+    candidates = torch.randn(num_candidates, dim)
     weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton")
     compare_with_reference(reference.score_candidates, (history, candidates), weights, biases, (pooled, attn),
@@ -330,7 +330,7 @@ def test_keys_whose_offsets_overflow_int32_are_made_contiguous():
 
 
 def test_float64_is_refused():
-    query, keys = torch.randn(2, 18, device=DEVICE).double(), torch.randn(2, 3, 18, device=DEVICE).double()
+    query, keys = torch.randn(2, 18).double(), torch.randn(2, 3, 18).double()
     weights, biases, _ = make_mlp(18, (12,), "sigmoid", torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
@@ -343,7 +343,7 @@ def test_the_largest_shapes_the_kernels_take_match_the_reference(edge):
     # refuse a shape outside the envelope.
     dim, hidden = edge[0], edge[1:]
     run_and_compare(2, 3, dim, hidden, activation="dice", normalization="softmax", training=True,
-                    lengths=torch.tensor([3, 2], device=DEVICE))
+                    lengths=torch.tensor([3, 2]))
 
 
 @pytest.mark.parametrize("dim,hidden,pattern", [
@@ -358,7 +358,7 @@ def test_the_largest_shapes_the_kernels_take_match_the_reference(edge):
     (8, (8, 8, 33), r"hidden widths \(8, 8, 33\)"),
 ])
 def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hidden, pattern):
-    query, keys = torch.randn(2, dim, device=DEVICE), torch.randn(2, 3, dim, device=DEVICE)
+    query, keys = torch.randn(2, dim), torch.randn(2, 3, dim)
     weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
     with pytest.raises(NotImplementedError, match=pattern):
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
@@ -371,10 +371,10 @@ def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hi
 
 
 def test_torch_compile_traces_without_graph_breaks():
-    query = torch.randn(2, 18, device=DEVICE, requires_grad=True)
-    keys = torch.randn(2, 5, 18, device=DEVICE)
+    query = torch.randn(2, 18, requires_grad=True)
+    keys = torch.randn(2, 5, 18)
     weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
-    lengths = torch.tensor([5, 2], device=DEVICE)
+    lengths = torch.tensor([5, 2])
 
     def loss(q):
         pooled, attn = triton_attention.attention_pooling(q, keys, weights, biases, lengths=lengths,
@@ -395,15 +395,15 @@ def test_torch_compile_traces_without_graph_breaks():
     ("sigmoid", False, True, torch.float32), ("sigmoid", False, False, torch.bfloat16)])
 def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
     # bfloat16 with softmax: the forward's pooled and weights are fp32 (output_dtype), fakes too.
-    query = torch.randn(2, 18, device=DEVICE).to(dtype)
-    keys = torch.randn(2, 4, 18, device=DEVICE).to(dtype)
+    query = torch.randn(2, 18).to(dtype)
+    keys = torch.randn(2, 4, 18).to(dtype)
     weights, biases, act_params = make_mlp(18, (12, 6), activation, dtype, affine=training)
     if transposed:
         # The gradients are contiguous whatever the inputs' strides; the fake kernels say so too.
         query = query.t().contiguous().t()
         weights = [w.t().contiguous().t() for w in weights]
     act_flat = [p for layer in act_params for p in layer]
-    args = (query, keys, weights, biases, torch.tensor([4, 1], device=DEVICE), None, act_flat, activation, "softmax",
+    args = (query, keys, weights, biases, torch.tensor([4, 1]), None, act_flat, activation, "softmax",
             1.0, 1e-8, training, "valid")
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
@@ -460,7 +460,7 @@ def test_launches_take_the_gated_pointer_types(monkeypatch, dtype, normalization
     for name in ("_din_attention_fwd_kernel", "_din_attention_bwd_kernel"):
         monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
     run_and_compare(2, 5, 18, (12, 8), activation="dice", normalization=normalization, training=True, dtype=dtype,
-                    api="triton_ops", lengths=torch.tensor([5, 2], device=DEVICE))
+                    api="triton_ops", lengths=torch.tensor([5, 2]))
     assert len(launched) >= 3
     mismatches = []
     for kernel, args, kwargs in launched:
@@ -490,8 +490,8 @@ MASK_WITH_HOLES = [[True, False, True, True, False], [False, False, False, False
     ((9, 7), True, "none", "neither"),
 ])
 def test_dice_training(dice_stats, hidden, affine, normalization, valid):
-    lengths = torch.tensor([5, 0, 3], device=DEVICE) if valid == "lengths" else None
-    mask = torch.tensor(MASK_WITH_HOLES, device=DEVICE) if valid == "mask" else None
+    lengths = torch.tensor([5, 0, 3]) if valid == "lengths" else None
+    mask = torch.tensor(MASK_WITH_HOLES) if valid == "mask" else None
     run_and_compare(3, 5, 18, hidden, activation="dice", normalization=normalization, softmax_scale=0.7,
                     lengths=lengths, mask=mask, affine=affine, training=True, dice_stats=dice_stats, momentum=0.3)
 
@@ -501,9 +501,9 @@ def test_dice_training_single_position_and_single_sample(dice_stats):
     # T = 1 with an empty sample; B = 1 over several positions; B = T = 1 (one position counts:
     # variance 0, the gate sits at its bias).
     run_and_compare(3, 1, 18, (12, 6), activation="dice", normalization="softmax", training=True,
-                    dice_stats=dice_stats, lengths=torch.tensor([1, 0, 1], device=DEVICE), api="triton_ops")
+                    dice_stats=dice_stats, lengths=torch.tensor([1, 0, 1]), api="triton_ops")
     run_and_compare(1, 4, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
-                    dice_stats=dice_stats, lengths=torch.tensor([3], device=DEVICE), api="triton_ops")
+                    dice_stats=dice_stats, lengths=torch.tensor([3]), api="triton_ops")
     run_and_compare(1, 1, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
                     dice_stats=dice_stats, api="triton_ops")
 
@@ -517,7 +517,7 @@ def test_dice_training_with_a_tiny_batch_variance():
     # torch backend, which re-centres, stays within a third of it.
     torch.manual_seed(534)
     run_and_compare(1, 4, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
-                    dice_stats="valid", lengths=torch.tensor([3], device=DEVICE), api="triton_ops")
+                    dice_stats="valid", lengths=torch.tensor([3]), api="triton_ops")
 
 
 def test_dice_training_with_no_valid_position_leaves_running_statistics():
@@ -525,7 +525,7 @@ def test_dice_training_with_no_valid_position_leaves_running_statistics():
     # untouched (run_and_compare checks them against the reference), output and gradients 0.
     pooled, attn, grads = run_and_compare(2, 3, 18, (12, 6), activation="dice", normalization="softmax",
                                           training=True, affine=True, api="triton_ops",
-                                          lengths=torch.zeros(2, dtype=torch.long, device=DEVICE))
+                                          lengths=torch.zeros(2, dtype=torch.long))
     assert torch.equal(pooled, torch.zeros_like(pooled)) and torch.equal(attn, torch.zeros_like(attn))
     for grad in grads:
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -537,14 +537,14 @@ def test_dice_training_paper_shape_across_tiles(dice_stats):
     # two forward tiles, moments merged across tiles and samples.
     run_and_compare(2, 37, 36, (80, 40), activation="dice", normalization="softmax", softmax_scale=1 / 6,
                     training=True, dice_stats=dice_stats, affine=dice_stats == "all", api="triton_ops",
-                    lengths=torch.tensor([37, 20], device=DEVICE))
+                    lengths=torch.tensor([37, 20]))
 
 
 def test_dice_training_wide_embedding_narrow_first_layer():
     # fp32 with D > 64 and H1 <= 64: phases 2 and 3 take the whole first layer at once (HC = H1P)
     # while the summing passes and phase 1 work in H1 chunks.
     run_and_compare(2, 5, 72, (40, 12), activation="dice", normalization="softmax", training=True, affine=True,
-                    api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
+                    api="triton_ops", lengths=torch.tensor([5, 3]))
 
 
 @pytest.mark.parametrize("activation,training", [("sigmoid", False), ("dice", True)])
@@ -552,13 +552,13 @@ def test_three_layers_in_first_layer_chunks(activation, training):
     # fp32, three hidden layers, D < DP: the fold in 16-wide D chunks; phase 1 (and Dice's
     # training phase 1) on 32-wide H1 chunks, phase 2 and the summing passes on 16-wide ones.
     run_and_compare(3, 5, 18, (40, 12, 6), activation=activation, normalization="softmax", softmax_scale=0.5,
-                    training=training, api="triton_ops", lengths=torch.tensor([5, 0, 3], device=DEVICE))
+                    training=training, api="triton_ops", lengths=torch.tensor([5, 0, 3]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dice_training_half_precision(dtype):
     run_and_compare(3, 5, 18, (12, 8), activation="dice", normalization="softmax", dtype=dtype, training=True,
-                    affine=True, dice_stats="all", api="triton_ops", lengths=torch.tensor([5, 2, 0], device=DEVICE))
+                    affine=True, dice_stats="all", api="triton_ops", lengths=torch.tensor([5, 2, 0]))
 
 
 @pytest.mark.parametrize("activation,training,dtype", [("sigmoid", False, torch.float16),
@@ -569,13 +569,13 @@ def test_half_precision_widest_embedding_in_chunks(activation, training, dtype):
     # No softmax: it makes the score bias's gradient exactly 0, where 16-bit rounding is all
     # that is left to compare.
     run_and_compare(2, 5, 200, (12, 8), activation=activation, normalization="none", dtype=dtype,
-                    training=training, api="triton_ops", lengths=torch.tensor([5, 3], device=DEVICE))
+                    training=training, api="triton_ops", lengths=torch.tensor([5, 3]))
 
 
 @pytest.mark.parametrize("hidden", [(20, 12), (12,)])
 def test_affine_dice_inference(hidden):
     run_and_compare(3, 5, 18, hidden, activation="dice", normalization="softmax", affine=True,
-                    lengths=torch.tensor([5, 0, 3], device=DEVICE))
+                    lengths=torch.tensor([5, 0, 3]))
 
 
 @pytest.mark.parametrize("dice_stats", ["valid", "all"])
@@ -583,18 +583,18 @@ def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stat
     # The kernel-level path: one statistics pass per layer, each using the layers below with
     # their batch statistics, then the forward into NaN-filled buffers.
     batch, seq_len, dim, hidden = 3, 21, 18, (12, 8)
-    query = torch.randn(batch, dim, device=DEVICE)
-    keys = torch.randn(batch, seq_len, dim, device=DEVICE)
+    query = torch.randn(batch, dim)
+    keys = torch.randn(batch, seq_len, dim)
     weights, biases, act_params = make_mlp(dim, hidden, "dice", torch.float32)
-    lengths = torch.tensor([21, 0, 6], device=DEVICE)
+    lengths = torch.tensor([21, 0, 6])
     ref_act = [tuple(p.double() for p in layer) for layer in act_params]
     ref_pooled, ref_attn = reference.attention_pooling(
         query.double(), keys.double(), [w.double() for w in weights], [b.double() for b in biases], lengths=lengths,
         activation="dice", act_params=ref_act, normalization="softmax", dice_stats=dice_stats, training=True)
     mlp = kernels.FoldedMLP(weights, biases, [() for _ in hidden])
-    span = kernels.sequence_span(batch, seq_len, lengths, None, DEVICE)
+    span = kernels.sequence_span(batch, seq_len, lengths, None, KERNEL_DEVICE)
     stat_span = span if dice_stats == "valid" else torch.full_like(span, seq_len)
-    valid = torch.arange(seq_len, device=DEVICE)[None, :] < lengths[:, None]
+    valid = torch.arange(seq_len)[None, :] < lengths[:, None]
     ref_stat_mask = valid if dice_stats == "valid" else None
     h = reference.attention_features(query.double(), keys.double())
     for layer, (alpha, _, _) in enumerate(act_params):
@@ -607,8 +607,8 @@ def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stat
         h = reference.dice(h, alpha.double(), None, None, ref_stat_mask, training=True)
         rstd = torch.rsqrt(var + 1e-8)
         mlp.set_act_vectors(layer, (alpha, mean, rstd))
-    pooled = nan_filled((batch, dim), torch.float32, DEVICE)
-    attn = nan_filled((batch, seq_len), torch.float32, DEVICE)
+    pooled = nan_filled((batch, dim), torch.float32, KERNEL_DEVICE)
+    attn = nan_filled((batch, seq_len), torch.float32, KERNEL_DEVICE)
     kernels.attention_forward(query, keys, mlp, span, None, normalization="softmax", activation="dice",
                               softmax_scale=1.0, pooled=pooled, weights=attn)
     assert_close(pooled, ref_pooled, torch.float32, "pooled")
@@ -616,10 +616,10 @@ def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stat
 
 
 def test_dice_training_traces_without_graph_breaks():
-    query = torch.randn(2, 18, device=DEVICE, requires_grad=True)
-    keys = torch.randn(2, 5, 18, device=DEVICE)
+    query = torch.randn(2, 18, requires_grad=True)
+    keys = torch.randn(2, 5, 18)
     weights, biases, act_params = make_mlp(18, (12, 8), "dice", torch.float32, affine=True)
-    lengths = torch.tensor([5, 2], device=DEVICE)
+    lengths = torch.tensor([5, 2])
     eager_params = [tuple(p.clone() for p in layer) for layer in act_params]
     initial_means = [layer[1].clone() for layer in act_params]
 

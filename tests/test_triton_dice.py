@@ -13,6 +13,8 @@ triton = pytest.importorskip("triton")
 from din_fast.kernels import dice as _k  # noqa: E402
 from din_fast.triton_ops import dice as _ops  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")
+
 MOMENTUM = 0.1
 EPS = 1e-8
 

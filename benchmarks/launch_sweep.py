@@ -1,0 +1,243 @@
+"""The attention kernels' launch options swept on a GPU, to measure what the launch rules cost.
+
+``PYTHONPATH=. python -m benchmarks.launch_sweep --out FILE.jsonl`` takes the benchmark's
+headline case (attention pooling, B=4096 T=100 D=36, hidden (80, 40), sigmoid, every position
+valid) in float32 and bfloat16 and runs it under other launch options than the shipped rules
+(``_forward_config``, ``_backward_launches``) pick:
+
+* forward: tile rows ``BLOCK_T`` in {16, 32, 64, 128}, the sample's fold held (``BD = DP``) or
+  built in D chunks, 4 or 8 warps;
+* backward (after the shipped forward): tile rows in {16, 32, 64}, 4 or 8 warps, 2 or 8
+  programs per multiprocessor; the passes and their chunks as shipped.
+
+Each variant's outputs (pooled, and every gradient for the backward) are compared with the
+shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
+speed-up over the shipped launch, the largest relative difference, and the registers and spills
+of the kernels it compiled. Triton compiles each variant on first use, one at a time per
+process, so ``--jobs`` processes compile them first on a small batch (Triton's on-disk cache
+then serves the timing process). ``--dry-run`` runs a few variants on tiny shapes under Triton's
+interpreter (CPU), so that CI exercises the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Dict, Iterator, List, Optional, Sequence
+
+HIDDEN = (80, 40)
+FULL_SHAPE = dict(B=4096, T=100, D=36)
+# The compiling processes' batch: the kernels are specialized on no argument's value, so any
+# batch compiles the variant the full shape launches.
+COMPILE_SHAPE = dict(B=8, T=100, D=36)
+TINY_SHAPE = dict(B=3, T=9, D=36)
+
+
+def variants(dry_run: bool) -> List[dict]:
+    """Every variant, the shipped launch first per (dtype, pass)."""
+    dtypes = ("float32",) if dry_run else ("float32", "bfloat16")
+    forward = [(16, "chunk", 8), (32, "hold", 4)] if dry_run else itertools.product(
+        (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
+    backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
+    forward, backward = list(forward), list(backward)
+    found = []
+    for dtype in dtypes:
+        found.append(dict(dtype=dtype, kind="forward", shipped=True))
+        found += [dict(dtype=dtype, kind="forward", block_t=b, fold=f, num_warps=w) for b, f, w in forward]
+        found.append(dict(dtype=dtype, kind="backward", shipped=True))
+        found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
+                  for b, w, p in backward]
+    return found
+
+
+@contextlib.contextmanager
+def launched_as(variant: dict) -> Iterator[None]:
+    """The attention launchers use ``variant``'s options for the duration."""
+    import torch
+
+    from din_fast.kernels import attention as kernels
+    saved = {name: getattr(kernels, name)
+             for name in ("_forward_config", "_backward_launches", "_num_backward_programs", "_BACKWARD_BLOCK_T")}
+    if not variant.get("shipped"):
+        if variant["kind"] == "forward":
+            def forward_config(constexprs, seq_len, dtype, statistics=False):
+                shipped = saved["_forward_config"](constexprs, seq_len, dtype, statistics)
+                chunk = constexprs["DP"] if variant["fold"] == "hold" else kernels._first_layer_chunk(constexprs["DP"])
+                return shipped._replace(block_t=min(variant["block_t"], kernels._padded(seq_len)), chunk=chunk,
+                                        num_warps=variant["num_warps"])
+            kernels._forward_config = forward_config
+        else:
+            def backward_launches(constexprs, dice_mode):
+                return [launch._replace(num_warps=variant["num_warps"])
+                        for launch in saved["_backward_launches"](constexprs, dice_mode)]
+
+            def num_backward_programs(batch, device):
+                if device.type != "cuda":
+                    return saved["_num_backward_programs"](batch, device)
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                return min(batch, variant["programs_per_sm"] * sms)
+            kernels._backward_launches = backward_launches
+            kernels._num_backward_programs = num_backward_programs
+            kernels._BACKWARD_BLOCK_T = variant["block_t"]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
+def make_case(shape: dict, dtype_name: str, device: str):
+    """``(forward, forward_backward)``: closures over one set of inputs, returning the pooled
+    output and, for the second, every gradient."""
+    import torch
+
+    from din_fast import functional
+
+    from .run import attention_params
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    batch, seq_len, dim = shape["B"], shape["T"], shape["D"]
+    query = torch.randn(batch, dim, generator=generator).to(device, dtype)
+    keys = torch.randn(batch, seq_len, dim, generator=generator).to(device, dtype)
+    grad_pooled = torch.randn(batch, dim, generator=generator).to(device, dtype)
+    torch.manual_seed(0)
+    weights, biases, _ = attention_params(dim, HIDDEN, "sigmoid", dtype, device)
+    leaves = [t.requires_grad_() for t in (query, keys, *weights, *biases)]
+
+    def forward():
+        with torch.no_grad():
+            return [functional.attention_pooling(query, keys, weights, biases, backend="triton")[0]]
+
+    def forward_backward():
+        pooled, _ = functional.attention_pooling(query, keys, weights, biases, backend="triton")
+        return [pooled, *torch.autograd.grad(pooled, leaves, grad_pooled)]
+    return forward, forward_backward
+
+
+def _kernels():
+    from din_fast.kernels import attention as kernels
+    return {"forward": kernels._din_attention_fwd_kernel, "backward": kernels._din_attention_bwd_kernel}
+
+
+def compile_variants(chunk: Sequence[dict], device: str) -> List[Optional[str]]:
+    """Runs each variant once on ``COMPILE_SHAPE`` (compiling it); an error message or None each."""
+    errors = []
+    for variant in chunk:
+        forward, forward_backward = make_case(COMPILE_SHAPE, variant["dtype"], device)
+        try:
+            with launched_as(variant):
+                (forward if variant["kind"] == "forward" else forward_backward)()
+            errors.append(None)
+        except Exception as err:  # reported per variant; the others still run
+            errors.append(f"{type(err).__name__}: {err}")
+    return errors
+
+
+def _rel_diff(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    if not actual.isfinite().all():
+        return float("nan")
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def sweep(out_path: str, dry_run: bool, jobs: int, budget_s: float) -> List[dict]:
+    import torch
+
+    from .gpu_check import compiled_resources
+    from .run import cpu_time_interleaved, cuda_time
+    device = "cpu" if dry_run else "cuda"
+    shape = TINY_SHAPE if dry_run else FULL_SHAPE
+    todo = variants(dry_run)
+    compile_errors: Dict[int, str] = {}
+    if jobs > 1:
+        start = time.perf_counter()
+        chunks = [todo[i::jobs] for i in range(jobs)]
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            for i, errors in enumerate(pool.map(compile_variants, chunks, [device] * jobs)):
+                for j, error in enumerate(errors):
+                    if error:
+                        compile_errors[i + j * jobs] = error
+        print(f"compiled {len(todo)} variants in {time.perf_counter() - start:.0f} s with {jobs} processes", flush=True)
+    kernel_of = _kernels()
+    deadline = time.perf_counter() + budget_s
+    rows, shipped = [], {}
+    cases = {dtype: make_case(shape, dtype, device) for dtype in {v["dtype"] for v in todo}}
+    with open(out_path, "w") as handle:
+        for index, variant in enumerate(todo):
+            if time.perf_counter() > deadline:
+                print(f"budget spent: {len(todo) - index} variants not timed", flush=True)
+                break
+            row = dict(variant, shape=shape)
+            forward, forward_backward = cases[variant["dtype"]]
+            run = forward if variant["kind"] == "forward" else forward_backward
+            kernel = kernel_of[variant["kind"]]
+            compiled_before = len(compiled_resources(kernel))
+            try:
+                with launched_as(variant):
+                    results = [t.detach().clone() for t in run()]
+                    if device == "cuda":
+                        row["median_ms"] = cuda_time(run)[0]
+                    else:
+                        row["median_ms"] = cpu_time_interleaved([run], budget_s=0.0, min_repeats=1)[0][0]
+            except Exception as err:  # reported per variant; the others still run
+                row["error"] = compile_errors.get(index) or f"{type(err).__name__}: {err}"
+            else:
+                key = (variant["dtype"], variant["kind"])
+                if variant.get("shipped"):
+                    shipped[key] = (results, row["median_ms"])
+                reference, reference_ms = shipped[key]
+                row["max_rel_diff"] = max(_rel_diff(a, e) for a, e in zip(results, reference))
+                row["speedup_over_shipped"] = reference_ms / row["median_ms"]
+                row["compiled"] = compiled_resources(kernel)[compiled_before:]
+            rows.append(row)
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if row.get("shipped"):
+        options = "shipped"
+    elif row["kind"] == "forward":
+        options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
+    else:
+        options = f"BLOCK_T={row['block_t']} warps={row['num_warps']} programs/SM={row['programs_per_sm']}"
+    if "error" in row:
+        return f"{row['dtype']:9s} {row['kind']:9s} {options:40s} error: {row['error'][:200]}"
+    spills = max((k.get("spills", 0) for k in row["compiled"]), default=0)
+    return (f"{row['dtype']:9s} {row['kind']:9s} {options:40s} {row['median_ms']:8.3f} ms "
+            f"({row['speedup_over_shipped']:.2f}x shipped), rel. diff {row['max_rel_diff']:.1e}, "
+            f"max spills {spills}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.launch_sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="JSON lines file, one row per variant")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the variants first (1: compile while timing)")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds for timing; later variants are skipped")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        # Must precede the first import of triton.
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        import torch
+        if not torch.cuda.is_available():
+            print("launch_sweep: no CUDA device (use --dry-run on the CPU)", file=sys.stderr)
+            return 2
+    rows = sweep(args.out, args.dry_run, 1 if args.dry_run else args.jobs, args.budget)
+    return 0 if rows and all("error" not in row for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
