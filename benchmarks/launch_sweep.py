@@ -14,8 +14,8 @@ Each variant's outputs (pooled, and every gradient for the backward) are compare
 shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
 speed-up over the shipped launch, the largest relative difference, and the registers and spills
 of the kernels it compiled. Triton compiles each variant on first use, one at a time per
-process, so ``--jobs`` processes compile them first on a small batch (Triton's on-disk cache
-then serves the timing process). ``--dry-run`` runs a few variants on tiny shapes under Triton's
+process, so ``--jobs`` processes compile them first on a small batch, for at most
+``--compile-budget`` seconds (Triton's on-disk cache then serves the timing process). ``--dry-run`` runs a few variants on tiny shapes under Triton's
 interpreter (CPU), so that CI exercises the script.
 """
 
@@ -126,18 +126,29 @@ def _kernels():
     return {"forward": kernels._din_attention_fwd_kernel, "backward": kernels._din_attention_bwd_kernel}
 
 
-def compile_variants(chunk: Sequence[dict], device: str) -> List[Optional[str]]:
-    """Runs each variant once on ``COMPILE_SHAPE`` (compiling it); an error message or None each."""
-    errors = []
-    for variant in chunk:
-        forward, forward_backward = make_case(COMPILE_SHAPE, variant["dtype"], device)
-        try:
-            with launched_as(variant):
-                (forward if variant["kind"] == "forward" else forward_backward)()
-            errors.append(None)
-        except Exception as err:  # reported per variant; the others still run
-            errors.append(f"{type(err).__name__}: {err}")
-    return errors
+def compile_variant(variant: dict, device: str) -> Optional[str]:
+    """Runs ``variant`` once on ``COMPILE_SHAPE``, compiling it; an error message or None."""
+    forward, forward_backward = make_case(COMPILE_SHAPE, variant["dtype"], device)
+    try:
+        with launched_as(variant):
+            (forward if variant["kind"] == "forward" else forward_backward)()
+    except Exception as err:  # reported per variant; the others still run
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def precompile(todo: Sequence[dict], device: str, jobs: int, budget_s: float) -> Dict[int, str]:
+    """Compiles the variants in ``jobs`` processes, in order, for at most ``budget_s`` seconds
+    (the timing process compiles any left); returns the errors by variant index."""
+    start = time.perf_counter()
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    futures = {pool.submit(compile_variant, variant, device): i for i, variant in enumerate(todo)}
+    done, pending = concurrent.futures.wait(futures, timeout=budget_s)
+    # A variant still compiling is left to finish in the background.
+    pool.shutdown(wait=False, cancel_futures=True)
+    print(f"compiled {len(done)} of {len(todo)} variants in {time.perf_counter() - start:.0f} s with {jobs} "
+          f"processes", flush=True)
+    return {futures[f]: f.result() for f in done if f.result()}
 
 
 def _rel_diff(actual, expected) -> float:
@@ -147,7 +158,7 @@ def _rel_diff(actual, expected) -> float:
     return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
-def sweep(out_path: str, dry_run: bool, jobs: int, budget_s: float) -> List[dict]:
+def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budget_s: float) -> List[dict]:
     import torch
 
     from .gpu_check import compiled_resources
@@ -155,17 +166,7 @@ def sweep(out_path: str, dry_run: bool, jobs: int, budget_s: float) -> List[dict
     device = "cpu" if dry_run else "cuda"
     shape = TINY_SHAPE if dry_run else FULL_SHAPE
     todo = variants(dry_run)
-    compile_errors: Dict[int, str] = {}
-    if jobs > 1:
-        start = time.perf_counter()
-        chunks = [todo[i::jobs] for i in range(jobs)]
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            for i, errors in enumerate(pool.map(compile_variants, chunks, [device] * jobs)):
-                for j, error in enumerate(errors):
-                    if error:
-                        compile_errors[i + j * jobs] = error
-        print(f"compiled {len(todo)} variants in {time.perf_counter() - start:.0f} s with {jobs} processes", flush=True)
+    compile_errors = precompile(todo, device, jobs, compile_budget_s) if jobs > 1 else {}
     kernel_of = _kernels()
     deadline = time.perf_counter() + budget_s
     rows, shipped = [], {}
@@ -224,6 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="JSON lines file, one row per variant")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the variants first (1: compile while timing)")
+    parser.add_argument("--compile-budget", type=float, default=120.0,
+                        help="seconds for the compiling processes; the timing process compiles what they left")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds for timing; later variants are skipped")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     args = parser.parse_args(argv)
@@ -235,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not torch.cuda.is_available():
             print("launch_sweep: no CUDA device (use --dry-run on the CPU)", file=sys.stderr)
             return 2
-    rows = sweep(args.out, args.dry_run, 1 if args.dry_run else args.jobs, args.budget)
+    rows = sweep(args.out, args.dry_run, 1 if args.dry_run else args.jobs, args.compile_budget, args.budget)
     return 0 if rows and all("error" not in row for row in rows) else 1
 
 
