@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,9 @@ def kernel_test_workers(dry_run: bool) -> int:
     return max(1, min(MAX_TEST_WORKERS, os.cpu_count() or 1))
 
 
+_PYTEST_RESULT = re.compile(r"\d+ (passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s")
+
+
 def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, object]:
     files = kernel_test_files()
     if not files:
@@ -94,7 +98,8 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, ob
     env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # One seed for every worker (each would draw its own).
     env.setdefault("DIN_FAST_TEST_SEED", str(random.randrange(2**31)))
-    command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
+    # pytest-benchmark is off: these files time nothing, and under xdist it warns once per worker.
+    command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",
                f"--junitxml={out / 'junit.xml'}"]
     workers = kernel_test_workers(dry_run)
     if workers > 1:
@@ -112,7 +117,9 @@ def run_kernel_tests(out: Path, dry_run: bool, timeout_s: float) -> Dict[str, ob
     # pytest -q under xdist prints no report header, so the seed goes in front of the command.
     replay = f"DIN_FAST_TEST_SEED={env['DIN_FAST_TEST_SEED']} " + " ".join(command)
     (out / "pytest.log").write_text(replay + "\n\n" + log)
-    last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+    lines = [line for line in log.strip().splitlines() if line.strip()]
+    # pytest's result line ("3 failed, 450 passed in 80s"), else whatever came last.
+    last = [line for line in lines if _PYTEST_RESULT.search(line)][-1:] or lines[-1:] or ["(no output)"]
     return dict(stage="tests", ok=returncode == 0, summary=f"{' '.join(files)}: {last[0]} "
                 f"({time.perf_counter() - start:.0f} s)")
 

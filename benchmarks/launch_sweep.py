@@ -8,7 +8,8 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
 * forward: tile rows ``BLOCK_T`` in {16, 32, 64, 128}, the sample's fold held (``BD = DP``) or
   built in D chunks, 4 or 8 warps;
 * backward (after the shipped forward): tile rows in {16, 32, 64}, 4 or 8 warps, 2 or 8
-  programs per multiprocessor; the passes and their chunks as shipped.
+  programs per multiprocessor; the passes and their chunks as shipped;
+* float32 with plain TF32 products instead of 3xTF32, each pass as shipped.
 
 Each variant's outputs (pooled, and every gradient for the backward) are compared with the
 shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
@@ -41,7 +42,8 @@ TINY_SHAPE = dict(B=3, T=9, D=36)
 
 
 def variants(dry_run: bool) -> List[dict]:
-    """Every variant, the shipped launch first per (dtype, pass)."""
+    """Every variant, the shipped launch first per (dtype, pass); a variant names the options it
+    changes."""
     dtypes = ("float32",) if dry_run else ("float32", "bfloat16")
     forward = [(16, "chunk", 8), (32, "hold", 4)] if dry_run else itertools.product(
         (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
@@ -54,6 +56,10 @@ def variants(dry_run: bool) -> List[dict]:
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
+        if dtype == "float32":
+            # Plain TF32 products instead of 3xTF32 (about 1e-3 relative error; the launch rules
+            # then take their 16-bit choices): what fp32 accuracy costs.
+            found += [dict(dtype=dtype, kind=kind, tf32=True) for kind in ("forward", "backward")]
     return found
 
 
@@ -63,29 +69,32 @@ def launched_as(variant: dict) -> Iterator[None]:
     import torch
 
     from din_fast.kernels import attention as kernels
-    saved = {name: getattr(kernels, name)
-             for name in ("_forward_config", "_backward_launches", "_num_backward_programs", "_BACKWARD_BLOCK_T")}
-    if not variant.get("shipped"):
-        if variant["kind"] == "forward":
-            def forward_config(constexprs, seq_len, dtype, statistics=False):
-                shipped = saved["_forward_config"](constexprs, seq_len, dtype, statistics)
-                chunk = constexprs["DP"] if variant["fold"] == "hold" else kernels._first_layer_chunk(constexprs["DP"])
-                return shipped._replace(block_t=min(variant["block_t"], kernels._padded(seq_len)), chunk=chunk,
-                                        num_warps=variant["num_warps"])
-            kernels._forward_config = forward_config
-        else:
-            def backward_launches(constexprs, dice_mode):
-                return [launch._replace(num_warps=variant["num_warps"])
-                        for launch in saved["_backward_launches"](constexprs, dice_mode)]
+    saved = {name: getattr(kernels, name) for name in (
+        "_forward_config", "_backward_launches", "_num_backward_programs", "_BACKWARD_BLOCK_T", "_common_constexprs")}
+    if "block_t" in variant and variant["kind"] == "forward":
+        def forward_config(constexprs, seq_len, dtype, statistics=False):
+            shipped = saved["_forward_config"](constexprs, seq_len, dtype, statistics)
+            chunk = constexprs["DP"] if variant["fold"] == "hold" else kernels._first_layer_chunk(constexprs["DP"])
+            return shipped._replace(block_t=min(variant["block_t"], kernels._padded(seq_len)), chunk=chunk,
+                                    num_warps=variant["num_warps"])
+        kernels._forward_config = forward_config
+    if "block_t" in variant and variant["kind"] == "backward":
+        def backward_launches(constexprs, dice_mode):
+            return [launch._replace(num_warps=variant["num_warps"])
+                    for launch in saved["_backward_launches"](constexprs, dice_mode)]
 
-            def num_backward_programs(batch, device):
-                if device.type != "cuda":
-                    return saved["_num_backward_programs"](batch, device)
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
-                return min(batch, variant["programs_per_sm"] * sms)
-            kernels._backward_launches = backward_launches
-            kernels._num_backward_programs = num_backward_programs
-            kernels._BACKWARD_BLOCK_T = variant["block_t"]
+        def num_backward_programs(batch, device):
+            if device.type != "cuda":
+                return saved["_num_backward_programs"](batch, device)
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            return min(batch, variant["programs_per_sm"] * sms)
+        kernels._backward_launches = backward_launches
+        kernels._num_backward_programs = num_backward_programs
+        kernels._BACKWARD_BLOCK_T = variant["block_t"]
+    if variant.get("tf32"):
+        def common_constexprs(*args, **kwargs):
+            return dict(saved["_common_constexprs"](*args, **kwargs), IEEE=False)
+        kernels._common_constexprs = common_constexprs
     try:
         yield
     finally:
@@ -208,6 +217,8 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
 def format_row(row: dict) -> str:
     if row.get("shipped"):
         options = "shipped"
+    elif row.get("tf32"):
+        options = "TF32 products"
     elif row["kind"] == "forward":
         options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
     else:

@@ -207,21 +207,21 @@ def _activation_backward(z, grad_out, p0, p1, p2, p3, ACT: tl.constexpr):
 @triton.jit
 def _dice_gate_terms(grad_z, direct, grad_gate, z, mean, scale, keep, gate_ptr, corr_ptr, layer: tl.constexpr, offs,
                      H: tl.constexpr, HMAX: tl.constexpr, SUMS: tl.constexpr, CORRECT: tl.constexpr):
-    """Dice layer ``layer``'s cross-sample terms on the channels ``offs`` of a tile (``grad_z``,
-    ``direct``, ``grad_gate`` from ``_activation_backward``; ``mean`` and ``scale`` the gate's
-    vectors): SUMS adds ``S0 = sum s`` and ``S1 = sum s (z - mean)`` into ``gate_ptr`` (this
-    program's fp32 ``[NUM_HIDDEN, 2, HMAX]`` slice); CORRECT returns
-    ``direct + scale * (s - keep * (S0 + rstd^2 S1 (z - mean)) / n)`` instead of ``grad_z``:
-    subtracted inside the bracket, the batch terms cancel ``s`` exactly where a single position
-    counts. ``corr_ptr`` is fp32 ``[NUM_HIDDEN, 2, HMAX]``: (S0 / n, rstd^2 S1 / n)."""
+    """Dice layer ``layer``'s cross-sample terms on the channels ``offs`` of a tile, s = ``grad_gate``: SUMS adds
+    S0 = sum s, S1 = sum s (z - mean) and, with CORRECT, Sc = sum of the kept (z - mean) to ``gate_ptr`` (fp32
+    ``[NUM_HIDDEN, 3, HMAX]``); CORRECT returns ``direct + scale * (s - keep * (A + B (z - mean)))``, (A, B) from
+    ``corr_ptr`` (fp32 ``[NUM_HIDDEN, 2, HMAX]``): inside the bracket, s cancels exactly where one position counts."""
     if SUMS or CORRECT:
         keep_c = offs < H
         centred = z - mean[None, :]
     if SUMS:
-        sums = gate_ptr + layer * 2 * HMAX + offs
+        sums = gate_ptr + layer * 3 * HMAX + offs
         tl.store(sums, tl.load(sums, mask=keep_c, other=0.0) + tl.sum(grad_gate, axis=0), mask=keep_c)
         tl.store(sums + HMAX, tl.load(sums + HMAX, mask=keep_c, other=0.0) + tl.sum(grad_gate * centred, axis=0),
                  mask=keep_c)
+        if CORRECT:
+            tl.store(sums + 2 * HMAX, tl.load(sums + 2 * HMAX, mask=keep_c, other=0.0)
+                     + tl.sum(tl.where(keep[:, None], centred, 0.0), axis=0), mask=keep_c)
     if CORRECT:
         base = corr_ptr + layer * 2 * HMAX + offs
         term_a = tl.load(base, mask=keep_c, other=0.0)
@@ -532,8 +532,8 @@ def _din_attention_bwd_kernel(
     PHASE 1 into a third launch, PHASE 3 (the cross-sample terms leave PHASE 1 no registers
     for them).
 
-    Dice (``corr`` ``[NUM_HIDDEN, 2, HMAX]`` fp32 per layer: S0 / n, rstd^2 S1 / n; ``part_gate``
-    ``[P, NUM_HIDDEN, 2, HMAX]`` fp32: S0, S1; see the module docstring): DICE_MODE 1 (affine
+    Dice (``corr`` ``[NUM_HIDDEN, 2, HMAX]`` fp32 per layer: A, B; ``part_gate``
+    ``[P, NUM_HIDDEN, 3, HMAX]`` fp32: S0, S1, Sc; see ``_dice_gate_terms``): DICE_MODE 1 (affine
     gate, running statistics) has PHASE 2 (the one with registers to spare) add every layer's S0
     and S1. DICE_MODE 2 (batch statistics) adds the cross-sample terms of every layer to dz at
     the kept positions (the valid ones, or all ``t < span`` when ``keep_all`` is nonzero); its
@@ -552,7 +552,7 @@ def _din_attention_bwd_kernel(
     part_p = part_p_ptr + pid * H1 * D
     part_pq = part_pq_ptr + pid * H1 * D
     part_act = part_act_ptr + pid * NUM_HIDDEN * HMAX
-    part_gate = part_gate_ptr + pid * NUM_HIDDEN * 2 * HMAX
+    part_gate = part_gate_ptr + pid * NUM_HIDDEN * 3 * HMAX
     for sample in range(pid, B, num_programs):
         span = tl.load(span_ptr + sample)
         if NORM == 1:
@@ -1213,7 +1213,7 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
     training = dice_gate is not None and dice_gate.count is not None
     dice_mode = 0 if dice_gate is None else (2 if training else 1)
     if dice_gate is not None:
-        part_gate = zeros(len(hidden), 2, mlp.hmax)
+        part_gate = zeros(len(hidden), 3, mlp.hmax)
         corr = torch.zeros(len(hidden), 2, mlp.hmax, dtype=torch.float32, device=device)
     else:
         part_gate = corr = mlp.dummy
@@ -1241,11 +1241,15 @@ def attention_backward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, 
                 num_warps=launch.num_warps, maxnreg=launch.maxnreg, num_stages=launch.num_stages)
             if launch.phase == 0:
                 # Layer l's terms, for the passes after it: its sums needed those of every
-                # layer above it, which the passes before it had.
+                # layer above it, which the passes before it had. A = (S0 - B Sc) / n and
+                # B = rstd^2 (S1 - Sc S0 / n) / n are S0 / n and rstd^2 S1 / n with z - mean
+                # re-centred over the kept positions: the fp32 mean's rounding, times rstd^2
+                # (huge where a channel's batch variance is tiny), would reach every gradient.
                 layer = launch.stop_layer - 1
-                s0, s1 = part_gate[:, layer].sum(0)
-                corr[layer, 0] = s0 / count
-                corr[layer, 1] = dice_gate.rstd[layer] ** 2 * s1 / count
+                s0, s1, s_centred = part_gate[:, layer].sum(0)
+                offset = s_centred / count
+                corr[layer, 1] = dice_gate.rstd[layer] ** 2 * (s1 - offset * s0) / count
+                corr[layer, 0] = s0 / count - corr[layer, 1] * offset
     # z1 = u + k M with u = q (Wq + Wd)^T + b1 and M = (Wk - Wd)^T + diag(q) Wp^T.
     sum_p, sum_pq = part_p.sum(0), part_pq.sum(0)
     grad_uq = grad_u.t() @ query.float()                       # sum_b G_b q_b^T  [H1, D]

@@ -176,6 +176,24 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.stdout.rstrip().endswith("gpu_check: all passed")
 
 
+def test_launch_sweep_dry_run(tmp_path):
+    """The launch sweep on the CPU: a few variants on tiny shapes in Triton's interpreter, each
+    compared with the shipped launch."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "sweep.jsonl"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.launch_sweep", "--dry-run", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], bool(r.get("shipped")), bool(r.get("tf32"))) for r in rows] == [
+        ("forward", True, False), ("forward", False, False), ("forward", False, False),
+        ("backward", True, False), ("backward", False, False), ("backward", False, False),
+        ("forward", False, True), ("backward", False, True)]
+    # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
+    assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows), rows
+
+
 def test_torch_backend_speedup_attention_forward_backward(benchmark):
     """pytest-benchmark times the torch backend; the eager reference is timed in the setup of
     each round, so both are measured side by side, alternating, under the same load."""

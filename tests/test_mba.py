@@ -222,6 +222,47 @@ def test_fused_matches_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_with_hot_ids_cut_into_pieces(backend, dtype):
+    # Id 2 has more entries than 16 pieces hold (the update kernel loops over its pieces), id 5
+    # two pieces and one entry, ids 0 and 7 one or two entries, the others none.
+    num_rows, dim, piece = 9, 5, K._PIECE_ENTRIES
+    ids = torch.cat([torch.full((16 * piece + 37,), 2), torch.full((2 * piece + 1,), 5), torch.tensor([0, 7, 7])])
+    ids = ids[torch.randperm(ids.numel())].reshape(1, -1)
+    weight = _table(num_rows, dim, dtype)
+    grad_rows = torch.randn(1, ids.shape[1], dim, dtype=torch.float64).to(dtype)
+    counts = _counts(num_rows)
+    before = weight.clone()
+
+    mba_sgd_fused_(weight, ids, grad_rows, counts, lam=LAM, lr=LR, backend=backend)
+
+    dense = torch.zeros(num_rows, dim, dtype=torch.float64).index_add_(0, ids.reshape(-1),
+                                                                        grad_rows.reshape(-1, dim).double())
+    expected = R.mba_sgd_step(before.double(), dense, ids, counts, lam=LAM, lr=LR)
+    # Id 2's gradient sums 4,133 rounded rows.
+    assert_close(weight, expected, dtype, "weight after fused step", scale=4.0)
+    _assert_untouched(before, weight, ids)
+
+
+def test_segment_pieces_cover_each_segment_in_order():
+    piece = K._PIECE_ENTRIES
+    lengths = torch.tensor([0, 1, piece, piece + 1, 3 * piece, 0, 17 * piece - 5])
+    seg_end = lengths.cumsum(0)
+    seg_start = seg_end - lengths
+    piece_lo, piece_hi, piece_start, piece_end = K._segment_pieces(seg_start, seg_end, int(lengths.sum()))
+    assert piece_lo.shape[0] == lengths.numel() + int(lengths.sum()) // piece
+    for u in range(lengths.numel()):
+        lo, hi = piece_lo[piece_start[u]:piece_end[u]], piece_hi[piece_start[u]:piece_end[u]]
+        assert lo.numel() == -(-int(lengths[u]) // piece)
+        if lo.numel():
+            # Consecutive, each at most a piece long, together the whole segment.
+            assert lo[0] == seg_start[u] and hi[-1] == seg_end[u] and torch.equal(lo[1:], hi[:-1])
+            assert bool(((hi - lo) >= 1).all() and ((hi - lo) <= piece).all())
+    # The pieces past the last are empty.
+    assert bool((piece_hi[piece_end[-1]:] == piece_lo[piece_end[-1]:]).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_never_touches_padding(backend):
     num_rows, dim, pad = 17, 7, 0
     weight = _table(num_rows, dim, torch.float32)
@@ -549,10 +590,15 @@ def test_optimizer_rejects_bad_tables_and_ids():
 # ----------------------------------------------------------------------------------------------
 
 
+def _table_type(signature):
+    """The pointer type of a spec's table (or, summing the looked-up rows' gradients, of those)."""
+    return signature["weight_ptr"] if "weight_ptr" in signature else signature["grad_rows_ptr"]
+
+
 def test_aot_specs_cover_every_launcher_choice():
-    covered = {(s["fn"], s["signature"]["weight_ptr"], s["constexprs"]["BLOCK_D"]) for s in K.AOT_SPECS}
+    covered = {(s["fn"], _table_type(s["signature"]), s["constexprs"]["BLOCK_D"]) for s in K.AOT_SPECS}
     kernels = (K._mba_penalty_forward_kernel, K._mba_penalty_backward_kernel, K._mba_sgd_dense_kernel,
-               K._mba_sgd_segment_kernel)
+               K._mba_segment_sum_kernel, K._mba_sgd_segment_kernel)
     for fn in kernels:
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for dim in range(1, 300):
@@ -561,5 +607,5 @@ def test_aot_specs_cover_every_launcher_choice():
     for spec in K.AOT_SPECS:
         assert list(spec["signature"]) == spec["fn"].arg_names
         if "BLOCK_ROWS" in spec["constexprs"]:
-            expected = K._block_rows(spec["constexprs"]["BLOCK_D"], dtypes[spec["signature"]["weight_ptr"]])
+            expected = K._block_rows(spec["constexprs"]["BLOCK_D"], dtypes[_table_type(spec["signature"])])
             assert spec["constexprs"]["BLOCK_ROWS"] == expected

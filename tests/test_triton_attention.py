@@ -18,20 +18,31 @@ from din_fast.triton_ops import attention as triton_attention  # noqa: E402
 pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 
+def randn(*shape):
+    """float32 normal samples drawn on the CPU, then moved to ``KERNEL_DEVICE``: a seed gives the
+    same inputs on a GPU as in the interpreter, so a GPU failure replays on the CPU."""
+    return torch.randn(*shape, device="cpu").to(KERNEL_DEVICE)
+
+
+def rand(*shape):
+    """Uniform samples on [0, 1), drawn like ``randn``."""
+    return torch.rand(*shape, device="cpu").to(KERNEL_DEVICE)
+
+
 def make_mlp(dim, hidden, activation, dtype, prelu_shared=False, affine=False):
     """Random MLP parameters (nn.Linear layout) and per-layer activation parameters (Dice: alpha,
     running mean and variance, and with ``affine`` the gate's weight and bias)."""
     sizes = [4 * dim, *hidden, 1]
-    weights = [(torch.randn(out, inp) / inp ** 0.5).to(dtype) for inp, out in zip(sizes, sizes[1:])]
-    biases = [(0.1 * torch.randn(out)).to(dtype) for out in sizes[1:]]
+    weights = [(randn(out, inp) / inp ** 0.5).to(dtype) for inp, out in zip(sizes, sizes[1:])]
+    biases = [(0.1 * randn(out)).to(dtype) for out in sizes[1:]]
     if activation == "prelu":
-        act_params = [((0.5 * torch.rand(1 if prelu_shared else h)).to(dtype),) for h in hidden]
+        act_params = [((0.5 * rand(1 if prelu_shared else h)).to(dtype),) for h in hidden]
     elif activation == "dice":
-        act_params = [(torch.rand(h).to(dtype), (0.3 * torch.randn(h)).to(dtype),
-                       (0.5 + torch.rand(h)).to(dtype)) for h in hidden]
+        act_params = [(rand(h).to(dtype), (0.3 * randn(h)).to(dtype),
+                       (0.5 + rand(h)).to(dtype)) for h in hidden]
         if affine:
-            act_params = [layer + ((1.0 + 0.5 * torch.randn(h)).to(dtype),
-                                   (0.3 * torch.randn(h)).to(dtype))
+            act_params = [layer + ((1.0 + 0.5 * randn(h)).to(dtype),
+                                   (0.3 * randn(h)).to(dtype))
                           for layer, h in zip(act_params, hidden)]
     else:
         act_params = [() for _ in hidden]
@@ -69,8 +80,8 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     """Runs the triton backend and the float64 reference on the same inputs and upstream
     gradients, and compares pooled, weights, the gradient of every input and parameter and (Dice
     in training) the updated running statistics."""
-    query = torch.randn(batch, dim).to(dtype)
-    keys = torch.randn(batch, seq_len, dim).to(dtype)
+    query = randn(batch, dim).to(dtype)
+    keys = randn(batch, seq_len, dim).to(dtype)
     weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, prelu_shared, affine)
     leaves = [query, keys, *weights, *biases, *trainable(activation, act_params)]
     for t in leaves:
@@ -94,8 +105,8 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         pooled, attn = functional.attention_pooling(query, keys, weights, biases, backend="triton", **options)
     else:
         pooled, attn = triton_attention.attention_pooling(query, keys, weights, biases, **options)
-    grad_pooled = torch.randn_like(pooled)
-    grad_attn = torch.randn_like(attn)
+    grad_pooled = randn(*pooled.shape).to(pooled.dtype)
+    grad_attn = randn(*attn.shape).to(attn.dtype)
     grads = torch.autograd.grad((pooled * grad_pooled).sum() + (attn * grad_attn).sum(), leaves)
 
     ref_options = dict(options, act_params=ref_act)
@@ -257,8 +268,8 @@ def test_lengths_out_of_range_act_clamped_where_unchecked(normalization):
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
 def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
     batch, seq_len, dim, hidden = 3, 37, 18, (12, 8)
-    query = torch.randn(batch, dim)
-    keys = torch.randn(batch, seq_len, dim)
+    query = randn(batch, dim)
+    keys = randn(batch, seq_len, dim)
     weights, biases, act_params = make_mlp(dim, hidden, "sigmoid", torch.float32)
     lengths = torch.tensor([37, 0, 5])
     mlp = kernels.FoldedMLP(weights, biases, [() for _ in hidden])
@@ -278,8 +289,8 @@ def test_launcher_writes_every_element_of_nan_filled_outputs(normalization):
 ])
 def test_score_candidates_matches_reference(activation, normalization, affine, dtype):
     seq_len, num_candidates, dim, hidden = 6, 5, 18, (12, 8)
-    history = torch.randn(seq_len, dim).to(dtype)
-    candidates = torch.randn(num_candidates, dim).to(dtype)
+    history = randn(seq_len, dim).to(dtype)
+    candidates = randn(num_candidates, dim).to(dtype)
     weights, biases, act_params = make_mlp(dim, hidden, activation, dtype, affine=affine)
     options = dict(activation=activation, act_params=act_params, normalization=normalization, softmax_scale=0.6)
     with nan_filled_allocations():
@@ -292,7 +303,7 @@ def test_score_candidates_matches_reference(activation, normalization, affine, d
 
 
 def test_score_candidates_single_position_and_single_candidate():
-    history, candidates = torch.randn(1, 18), torch.randn(1, 18)
+    history, candidates = randn(1, 18), randn(1, 18)
     weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, normalization="softmax",
                                                backend="triton")
@@ -302,8 +313,8 @@ def test_score_candidates_single_position_and_single_candidate():
 
 def test_score_candidates_with_a_transposed_history():
     seq_len, num_candidates, dim, hidden = 7, 4, 18, (12, 8)
-    history = torch.randn(dim, seq_len).t()
-    candidates = torch.randn(num_candidates, dim)
+    history = randn(dim, seq_len).t()
+    candidates = randn(num_candidates, dim)
     weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
     pooled, attn = functional.score_candidates(history, candidates, weights, biases, backend="triton")
     compare_with_reference(reference.score_candidates, (history, candidates), weights, biases, (pooled, attn),
@@ -330,7 +341,7 @@ def test_keys_whose_offsets_overflow_int32_are_made_contiguous():
 
 
 def test_float64_is_refused():
-    query, keys = torch.randn(2, 18).double(), torch.randn(2, 3, 18).double()
+    query, keys = randn(2, 18).double(), randn(2, 3, 18).double()
     weights, biases, _ = make_mlp(18, (12,), "sigmoid", torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
@@ -358,7 +369,7 @@ def test_the_largest_shapes_the_kernels_take_match_the_reference(edge):
     (8, (8, 8, 33), r"hidden widths \(8, 8, 33\)"),
 ])
 def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hidden, pattern):
-    query, keys = torch.randn(2, dim), torch.randn(2, 3, dim)
+    query, keys = randn(2, dim), randn(2, 3, dim)
     weights, biases, _ = make_mlp(dim, hidden, "sigmoid", torch.float32)
     with pytest.raises(NotImplementedError, match=pattern):
         functional.attention_pooling(query, keys, weights, biases, backend="triton")
@@ -371,8 +382,8 @@ def test_shapes_outside_the_kernels_are_refused_by_name_and_run_on_torch(dim, hi
 
 
 def test_torch_compile_traces_without_graph_breaks():
-    query = torch.randn(2, 18, requires_grad=True)
-    keys = torch.randn(2, 5, 18)
+    query = randn(2, 18).requires_grad_()
+    keys = randn(2, 5, 18)
     weights, biases, _ = make_mlp(18, (12, 8), "sigmoid", torch.float32)
     lengths = torch.tensor([5, 2])
 
@@ -395,8 +406,8 @@ def test_torch_compile_traces_without_graph_breaks():
     ("sigmoid", False, True, torch.float32), ("sigmoid", False, False, torch.bfloat16)])
 def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
     # bfloat16 with softmax: the forward's pooled and weights are fp32 (output_dtype), fakes too.
-    query = torch.randn(2, 18).to(dtype)
-    keys = torch.randn(2, 4, 18).to(dtype)
+    query = randn(2, 18).to(dtype)
+    keys = randn(2, 4, 18).to(dtype)
     weights, biases, act_params = make_mlp(18, (12, 6), activation, dtype, affine=training)
     if transposed:
         # The gradients are contiguous whatever the inputs' strides; the fake kernels say so too.
@@ -408,8 +419,8 @@ def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     outputs = torch.ops.din_fast.attention_pooling_fwd(*args)
-    backward_args = args[:7] + tuple(outputs) + (torch.randn_like(outputs[0]), torch.randn_like(outputs[1])) \
-        + args[7:]
+    upstream = tuple(randn(*out.shape).to(out.dtype) for out in outputs[:2])
+    backward_args = args[:7] + tuple(outputs) + upstream + args[7:]
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_bwd.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -508,13 +519,10 @@ def test_dice_training_single_position_and_single_sample(dice_stats):
                     dice_stats=dice_stats, api="triton_ops")
 
 
-@pytest.mark.xfail(strict=True, reason="open defect: the kernels' Dice batch-statistics backward uses z - mean "
-                   "as it is, without re-centring it over the kept positions as the torch backend does, so the "
-                   "rounding of the float32 batch mean, times rstd^2, reaches every gradient below the layer")
 def test_dice_training_with_a_tiny_batch_variance():
     # Three positions count, and a first-layer channel's batch variance is 1.8e-5 (rstd about
-    # 240). The kernels miss the float32 bound by 10x here (the first layer's bias), where the
-    # torch backend, which re-centres, stays within a third of it.
+    # 240). Without re-centring z - mean over the kept positions, the kernels missed the float32
+    # bound by 10x here (the first layer's bias).
     torch.manual_seed(534)
     run_and_compare(1, 4, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
                     dice_stats="valid", lengths=torch.tensor([3]), api="triton_ops")
@@ -583,8 +591,8 @@ def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stat
     # The kernel-level path: one statistics pass per layer, each using the layers below with
     # their batch statistics, then the forward into NaN-filled buffers.
     batch, seq_len, dim, hidden = 3, 21, 18, (12, 8)
-    query = torch.randn(batch, dim)
-    keys = torch.randn(batch, seq_len, dim)
+    query = randn(batch, dim)
+    keys = randn(batch, seq_len, dim)
     weights, biases, act_params = make_mlp(dim, hidden, "dice", torch.float32)
     lengths = torch.tensor([21, 0, 6])
     ref_act = [tuple(p.double() for p in layer) for layer in act_params]
@@ -616,8 +624,8 @@ def test_dice_statistics_launcher_then_forward_into_nan_filled_outputs(dice_stat
 
 
 def test_dice_training_traces_without_graph_breaks():
-    query = torch.randn(2, 18, requires_grad=True)
-    keys = torch.randn(2, 5, 18)
+    query = randn(2, 18).requires_grad_()
+    keys = randn(2, 5, 18)
     weights, biases, act_params = make_mlp(18, (12, 8), "dice", torch.float32, affine=True)
     lengths = torch.tensor([5, 2])
     eager_params = [tuple(p.clone() for p in layer) for layer in act_params]
