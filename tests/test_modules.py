@@ -213,6 +213,24 @@ def test_attention_bad_lengths(lengths, error, pattern):
         _pool()(torch.randn(2, 4), torch.randn(2, 3, 4), lengths)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_value_checks_can_be_switched_off(monkeypatch, backend):
+    # Without the checks (no host sync) lengths outside [0, T] act as clamped to it, as under
+    # torch.compile.
+    if backend == "triton":
+        pytest.importorskip("triton")
+    query, keys = torch.randn(2, 4), torch.randn(2, 3, 4)
+    pool = din_fast.AttentionPooling(4, hidden_units=(3,), backend=backend)
+    monkeypatch.setenv("DIN_FAST_VALUE_CHECKS", "0")
+    unchecked = pool(query, keys, torch.tensor([-2, 7]))
+    monkeypatch.delenv("DIN_FAST_VALUE_CHECKS")
+    clamped = pool(query, keys, torch.tensor([0, 3]))
+    for got, want in zip(unchecked, clamped):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 3\]"):
+        pool(query, keys, torch.tensor([-2, 7]))
+
+
 def test_attention_bad_mask_and_options():
     query, keys = torch.randn(2, 4), torch.randn(2, 3, 4)
     with pytest.raises(TypeError, match="mask must be a bool tensor"):

@@ -353,3 +353,13 @@ def test_packed_and_folded_first_layers_agree(monkeypatch, activation, normaliza
         pooled, attn, grads = _run(torch_ops.attention_pooling, *_detached_leaves(case[:5]), **options)
         for i, (value, ref) in enumerate(zip([pooled, attn, *grads], [expected[0], expected[1], *expected[2]])):
             assert_close(value, ref, torch.float64, f"fraction {fraction}, output {i}")
+
+
+def test_row_blocks_are_cache_sized_on_the_cpu_and_one_on_a_gpu():
+    # 4096 // 100 = 40 samples of T = 100 per block on the CPU; on a GPU each block costs a dozen
+    # launches, so all rows go at once.
+    assert torch_ops._row_blocks(100, 100, None, torch.device("cpu")) == [(0, 40), (40, 80), (80, 100)]
+    assert torch_ops._row_blocks(100, 100, None, torch.device("cuda")) == [(0, 100)]
+    packed = torch.arange(5000)
+    assert torch_ops._row_blocks(100, 100, packed, torch.device("cuda")) == [(0, 5000)]
+    assert torch_ops._row_blocks(0, 100, None, torch.device("cuda")) == []
