@@ -199,15 +199,11 @@ def test_sgd_step_regularizes_batch_rows_without_gradient_entries(backend):
     _assert_untouched(before, weight, ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_matches_reference(backend, dtype):
-    num_rows, dim = 29, 36
+def _check_fused_step(ids, num_rows, dim, dtype, backend, scale):
+    """``mba_sgd_fused_`` with random lookup gradients for ``ids`` [B, L] against the reference
+    step from the float64 dense gradient; ``scale`` widens the tolerance for long sums."""
     weight = _table(num_rows, dim, dtype)
-    # 21 ids, a third of them id 3: one segment longer than the kernel's block of 16 rows.
-    ids = _batch_ids(num_rows, (3, 21))
-    ids[0, 0:18] = 3
-    grad_rows = torch.randn(3, 21, dim, dtype=torch.float64).to(dtype)
+    grad_rows = torch.randn(*ids.shape, dim, dtype=torch.float64).to(dtype)
     counts = _counts(num_rows)
     before = weight.clone()
 
@@ -216,9 +212,18 @@ def test_fused_matches_reference(backend, dtype):
     dense = torch.zeros(num_rows, dim, dtype=torch.float64).index_add_(0, ids.reshape(-1),
                                                                         grad_rows.reshape(-1, dim).double())
     expected = R.mba_sgd_step(before.double(), dense, ids, counts, lam=LAM, lr=LR)
-    # The gradient of id 3 sums ~25 rounded rows.
-    assert_close(weight, expected, dtype, "weight after fused step", scale=2.0)
+    assert_close(weight, expected, dtype, "weight after fused step", scale=scale)
     _assert_untouched(before, weight, ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matches_reference(backend, dtype):
+    # 21 ids, a third of them id 3: one segment longer than the kernels' block of 16 rows.
+    ids = _batch_ids(29, (3, 21))
+    ids[0, 0:18] = 3
+    # The gradient of id 3 sums ~25 rounded rows.
+    _check_fused_step(ids, 29, 36, dtype, backend, scale=2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -226,22 +231,10 @@ def test_fused_matches_reference(backend, dtype):
 def test_fused_with_hot_ids_cut_into_pieces(backend, dtype):
     # Id 2 has more entries than 16 pieces hold (the update kernel loops over its pieces), id 5
     # two pieces and one entry, ids 0 and 7 one or two entries, the others none.
-    num_rows, dim, piece = 9, 5, K._PIECE_ENTRIES
+    piece = K._PIECE_ENTRIES
     ids = torch.cat([torch.full((16 * piece + 37,), 2), torch.full((2 * piece + 1,), 5), torch.tensor([0, 7, 7])])
-    ids = ids[torch.randperm(ids.numel())].reshape(1, -1)
-    weight = _table(num_rows, dim, dtype)
-    grad_rows = torch.randn(1, ids.shape[1], dim, dtype=torch.float64).to(dtype)
-    counts = _counts(num_rows)
-    before = weight.clone()
-
-    mba_sgd_fused_(weight, ids, grad_rows, counts, lam=LAM, lr=LR, backend=backend)
-
-    dense = torch.zeros(num_rows, dim, dtype=torch.float64).index_add_(0, ids.reshape(-1),
-                                                                        grad_rows.reshape(-1, dim).double())
-    expected = R.mba_sgd_step(before.double(), dense, ids, counts, lam=LAM, lr=LR)
     # Id 2's gradient sums 4,133 rounded rows.
-    assert_close(weight, expected, dtype, "weight after fused step", scale=4.0)
-    _assert_untouched(before, weight, ids)
+    _check_fused_step(ids[torch.randperm(ids.numel())].reshape(1, -1), 9, 5, dtype, backend, scale=4.0)
 
 
 def test_segment_pieces_cover_each_segment_in_order():
