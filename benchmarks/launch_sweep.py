@@ -152,12 +152,18 @@ def precompile(todo: Sequence[dict], device: str, jobs: int, budget_s: float) ->
     start = time.perf_counter()
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     futures = {pool.submit(compile_variant, variant, device): i for i, variant in enumerate(todo)}
-    done, pending = concurrent.futures.wait(futures, timeout=budget_s)
+    done, _ = concurrent.futures.wait(futures, timeout=budget_s)
     # A variant still compiling is left to finish in the background.
     pool.shutdown(wait=False, cancel_futures=True)
     print(f"compiled {len(done)} of {len(todo)} variants in {time.perf_counter() - start:.0f} s with {jobs} "
           f"processes", flush=True)
-    return {futures[f]: f.result() for f in done if f.result()}
+    errors = {}
+    for future in done:
+        error = future.exception()  # a worker that died (a broken pool), not a failed compile
+        error = f"{type(error).__name__}: {error}" if error else future.result()
+        if error:
+            errors[futures[future]] = error
+    return errors
 
 
 def _rel_diff(actual, expected) -> float:
@@ -190,6 +196,7 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
             run = forward if variant["kind"] == "forward" else forward_backward
             kernel = kernel_of[variant["kind"]]
             compiled_before = len(compiled_resources(kernel))
+            key = (variant["dtype"], variant["kind"])
             try:
                 with launched_as(variant):
                     results = [t.detach().clone() for t in run()]
@@ -200,13 +207,15 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
             except Exception as err:  # reported per variant; the others still run
                 row["error"] = compile_errors.get(index) or f"{type(err).__name__}: {err}"
             else:
-                key = (variant["dtype"], variant["kind"])
                 if variant.get("shipped"):
                     shipped[key] = (results, row["median_ms"])
-                reference, reference_ms = shipped[key]
-                row["max_rel_diff"] = max(_rel_diff(a, e) for a, e in zip(results, reference))
-                row["speedup_over_shipped"] = reference_ms / row["median_ms"]
-                row["compiled"] = compiled_resources(kernel)[compiled_before:]
+                if key in shipped:
+                    reference, reference_ms = shipped[key]
+                    row["max_rel_diff"] = max(_rel_diff(a, e) for a, e in zip(results, reference))
+                    row["speedup_over_shipped"] = reference_ms / row["median_ms"]
+                    row["compiled"] = compiled_resources(kernel)[compiled_before:]
+                else:
+                    row["error"] = "the shipped launch failed: nothing to compare with"
             rows.append(row)
             handle.write(json.dumps(row) + "\n")
             handle.flush()
