@@ -9,7 +9,9 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
   built in D chunks, 4 or 8 warps;
 * backward (after the shipped forward): tile rows in {16, 32, 64}, 4 or 8 warps, 2 or 8
   programs per multiprocessor; the passes and their chunks as shipped;
-* float32 with plain TF32 products instead of 3xTF32, each pass as shipped.
+* float32 with plain TF32 products instead of 3xTF32, each pass as shipped;
+* the forward of another design, ``benchmarks/attention_rows.py`` (row-parallel scores, then a
+  pooling pass), on 32 to 128 rows per program and 4 or 8 warps.
 
 Each variant's outputs (pooled, and every gradient for the backward) are compared with the
 shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
@@ -48,7 +50,8 @@ def variants(dry_run: bool) -> List[dict]:
     forward = [(16, "chunk", 8), (32, "hold", 4)] if dry_run else itertools.product(
         (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
     backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
-    forward, backward = list(forward), list(backward)
+    rows = [(16, 4)] if dry_run else itertools.product((32, 64, 128), (4, 8))
+    forward, backward, rows = list(forward), list(backward), list(rows)
     found = []
     for dtype in dtypes:
         found.append(dict(dtype=dtype, kind="forward", shipped=True))
@@ -56,6 +59,8 @@ def variants(dry_run: bool) -> List[dict]:
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
+        # The candidate design of benchmarks/attention_rows.py (forward only).
+        found += [dict(dtype=dtype, kind="forward", design="rows", block_r=b, num_warps=w) for b, w in rows]
         if dtype == "float32":
             # Plain TF32 products instead of 3xTF32 (about 1e-3 relative error; the launch rules
             # then take their 16-bit choices): what fp32 accuracy costs.
@@ -102,13 +107,14 @@ def launched_as(variant: dict) -> Iterator[None]:
             setattr(kernels, name, value)
 
 
-def make_case(shape: dict, dtype_name: str, device: str):
-    """``(forward, forward_backward)``: closures over one set of inputs, returning the pooled
-    output and, for the second, every gradient."""
+def make_runner(shape: dict, dtype_name: str, device: str):
+    """``run_of(variant)``: the closure that runs ``variant`` on one set of inputs, returning the
+    pooled output and, for the backward, every gradient."""
     import torch
 
     from din_fast import functional
 
+    from . import attention_rows
     from .run import attention_params
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -127,20 +133,35 @@ def make_case(shape: dict, dtype_name: str, device: str):
     def forward_backward():
         pooled, _ = functional.attention_pooling(query, keys, weights, biases, backend="triton")
         return [pooled, *torch.autograd.grad(pooled, leaves, grad_pooled)]
-    return forward, forward_backward
+
+    def run_of(variant):
+        if variant.get("design") != "rows":
+            return forward if variant["kind"] == "forward" else forward_backward
+
+        def rows_forward():
+            with torch.no_grad():
+                return [attention_rows.attention_forward(query, keys, weights, biases, block_r=variant["block_r"],
+                                                         num_warps=variant["num_warps"])[0]]
+        return rows_forward
+    return run_of
 
 
-def _kernels():
+def _kernels(variant: dict) -> list:
+    """The JIT kernels ``variant`` launches (for their registers and spills)."""
     from din_fast.kernels import attention as kernels
-    return {"forward": kernels._din_attention_fwd_kernel, "backward": kernels._din_attention_bwd_kernel}
+
+    from . import attention_rows
+    if variant.get("design") == "rows":
+        return [attention_rows._rows_scores_kernel, attention_rows._rows_pool_kernel]
+    return [kernels._din_attention_fwd_kernel if variant["kind"] == "forward" else kernels._din_attention_bwd_kernel]
 
 
 def compile_variant(variant: dict, device: str) -> Optional[str]:
     """Runs ``variant`` once on ``COMPILE_SHAPE``, compiling it; an error message or None."""
-    forward, forward_backward = make_case(COMPILE_SHAPE, variant["dtype"], device)
+    run = make_runner(COMPILE_SHAPE, variant["dtype"], device)(variant)
     try:
         with launched_as(variant):
-            (forward if variant["kind"] == "forward" else forward_backward)()
+            run()
     except Exception as err:  # reported per variant; the others still run
         return f"{type(err).__name__}: {err}"
     return None
@@ -182,20 +203,18 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
     shape = TINY_SHAPE if dry_run else FULL_SHAPE
     todo = variants(dry_run)
     compile_errors = precompile(todo, device, jobs, compile_budget_s) if jobs > 1 else {}
-    kernel_of = _kernels()
     deadline = time.perf_counter() + budget_s
     rows, shipped = [], {}
-    cases = {dtype: make_case(shape, dtype, device) for dtype in {v["dtype"] for v in todo}}
+    runners = {dtype: make_runner(shape, dtype, device) for dtype in {v["dtype"] for v in todo}}
     with open(out_path, "w") as handle:
         for index, variant in enumerate(todo):
             if time.perf_counter() > deadline:
                 print(f"budget spent: {len(todo) - index} variants not timed", flush=True)
                 break
             row = dict(variant, shape=shape)
-            forward, forward_backward = cases[variant["dtype"]]
-            run = forward if variant["kind"] == "forward" else forward_backward
-            kernel = kernel_of[variant["kind"]]
-            compiled_before = len(compiled_resources(kernel))
+            run = runners[variant["dtype"]](variant)
+            kernels = _kernels(variant)
+            compiled_before = [len(compiled_resources(kernel)) for kernel in kernels]
             key = (variant["dtype"], variant["kind"])
             try:
                 with launched_as(variant):
@@ -213,7 +232,8 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
                     reference, reference_ms = shipped[key]
                     row["max_rel_diff"] = max(_rel_diff(a, e) for a, e in zip(results, reference))
                     row["speedup_over_shipped"] = reference_ms / row["median_ms"]
-                    row["compiled"] = compiled_resources(kernel)[compiled_before:]
+                    row["compiled"] = [resources for kernel, before in zip(kernels, compiled_before)
+                                       for resources in compiled_resources(kernel)[before:]]
                 else:
                     row["error"] = "the shipped launch failed: nothing to compare with"
             rows.append(row)
@@ -228,6 +248,8 @@ def format_row(row: dict) -> str:
         options = "shipped"
     elif row.get("tf32"):
         options = "TF32 products"
+    elif row.get("design") == "rows":
+        options = f"row-parallel BLOCK_R={row['block_r']} warps={row['num_warps']}"
     elif row["kind"] == "forward":
         options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
     else:

@@ -176,6 +176,32 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.stdout.rstrip().endswith("gpu_check: all passed")
 
 
+@pytest.mark.usefixtures("on_kernel_device")
+@pytest.mark.parametrize("hidden", [(12,), (12, 6), (12, 6, 4)])
+@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("relu", "softmax")])
+@pytest.mark.parametrize("block_r", [16, 64])
+def test_row_parallel_forward_candidate_matches_the_reference(hidden, activation, normalization, block_r):
+    """The sweep's candidate design against the float64 reference: ragged lengths (one 0, one T)
+    whose rows straddle the row tiles, outputs pre-filled with NaN by the allocator."""
+    pytest.importorskip("triton")
+    from benchmarks import attention_rows
+    from din_fast import reference
+    from din_fast.testing import assert_close, nan_filled_allocations
+    batch, seq_len, dim = 5, 37, 18
+    query, keys = torch.randn(batch, dim), torch.randn(batch, seq_len, dim)
+    weights, biases, _ = run.attention_params(dim, hidden, activation, torch.float32, query.device)
+    lengths = torch.tensor([37, 0, 5, 21, 1])
+    with nan_filled_allocations():
+        pooled, attn = attention_rows.attention_forward(query, keys, weights, biases, lengths, activation=activation,
+                                                        normalization=normalization, softmax_scale=0.7,
+                                                        block_r=block_r, pool_block_t=16)
+    expected = reference.attention_pooling(query.double(), keys.double(), [w.double() for w in weights],
+                                           [b.double() for b in biases], lengths=lengths, activation=activation,
+                                           normalization=normalization, softmax_scale=0.7)
+    assert_close(pooled, expected[0], torch.float32, "pooled")
+    assert_close(attn, expected[1], torch.float32, "weights")
+
+
 def test_launch_sweep_dry_run(tmp_path):
     """The launch sweep on the CPU: a few variants on tiny shapes in Triton's interpreter, each
     compared with the shipped launch."""
@@ -186,10 +212,10 @@ def test_launch_sweep_dry_run(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["kind"], bool(r.get("shipped")), bool(r.get("tf32"))) for r in rows] == [
-        ("forward", True, False), ("forward", False, False), ("forward", False, False),
-        ("backward", True, False), ("backward", False, False), ("backward", False, False),
-        ("forward", False, True), ("backward", False, True)]
+    assert [(r["kind"], bool(r.get("shipped")), r.get("design"), bool(r.get("tf32"))) for r in rows] == [
+        ("forward", True, None, False), ("forward", False, None, False), ("forward", False, None, False),
+        ("backward", True, None, False), ("backward", False, None, False), ("backward", False, None, False),
+        ("forward", False, "rows", False), ("forward", False, None, True), ("backward", False, None, True)]
     # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
     assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows), rows
 
