@@ -18,8 +18,9 @@ shipped launch's, then timed with CUDA events; one JSON line per variant holds t
 speed-up over the shipped launch, the largest relative difference, and the registers and spills
 of the kernels it compiled. Triton compiles each variant on first use, one at a time per
 process, so ``--jobs`` processes compile them first on a small batch, for at most
-``--compile-budget`` seconds (Triton's on-disk cache then serves the timing process). ``--dry-run`` runs a few variants on tiny shapes under Triton's
-interpreter (CPU), so that CI exercises the script.
+``--compile-budget`` seconds (Triton's on-disk cache then serves the timing process).
+``--dry-run`` runs a few variants on tiny shapes under Triton's interpreter (CPU), so that CI
+exercises the script.
 """
 
 from __future__ import annotations

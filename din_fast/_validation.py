@@ -8,7 +8,7 @@ bad input never reaches a kernel.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,7 +31,7 @@ def values_checkable() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def value_range(values: torch.Tensor):
+def value_range(values: torch.Tensor) -> Tuple[int, int]:
     """``(min, max)`` of a non-empty integer tensor as Python ints, read in one host sync."""
     return tuple(torch.stack(torch.aminmax(values)).tolist())
 
