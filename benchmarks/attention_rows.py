@@ -1,9 +1,9 @@
-"""A candidate design for the attention forward, timed against the shipped kernels by
+"""A candidate design for the attention kernels, timed against the shipped ones by
 ``benchmarks.launch_sweep``; the library does not use it.
 
-On an H200 the shipped forward (one program per sample, ``kernels/attention.py``) ran at 0.44x
-of eager PyTorch at B=4096 T=100 D=36 (``benchmarks/README.md``). This design feeds the tensor
-cores larger tiles whatever T is:
+On an H200 the shipped kernels (one program per sample on 16-row tiles, ``kernels/attention.py``)
+ran at 0.44x of eager PyTorch's forward and 0.19x of its forward+backward at B=4096 T=100 D=36
+(``benchmarks/README.md``). This design gives the tensor cores larger tiles whatever T is:
 
 1. ``_rows_scores_kernel``: one program per ``BLOCK_R`` rows of the flattened ``[B * T]``
    positions, of any samples. The first layer is a product with shared weights,
@@ -11,11 +11,15 @@ cores larger tiles whatever T is:
    ``M_b`` would differ per row), then the hidden layers and the score; fp32 logits ``[B, T]``.
 2. ``_rows_pool_kernel``: one program per sample: the raw scores or the softmax of its logits
    (masked past its length) and the weighted sum of its keys.
+3. ``_rows_backward_kernel``: one program per group of whole samples (each padded to a power of
+   two TP >= T rows, T <= 256): recomputes the MLP in one pass, back-propagates, writes the keys'
+   gradient and each sample's sums (a reshape of the tile), and its own fp32 partial weight
+   gradients, summed on the host (deterministic, no atomics).
 
-The keys are read twice, and the logits written and read once: at B=4096 T=100 D=36 in fp32,
-59 MB of keys a pass against 1.6 MB of logits. Sigmoid and ReLU, one to three hidden layers,
-lengths (no mask), float32 (3xTF32 products) and 16-bit inputs (TF32), as the shipped kernels
-compute them.
+The forward reads the keys twice, and writes and reads the logits once: at B=4096 T=100 D=36 in
+fp32, 59 MB of keys a pass against 1.6 MB of logits. Sigmoid and ReLU, one to three hidden
+layers, lengths (no mask), float32 (3xTF32 products) and 16-bit inputs (TF32), as the shipped
+kernels compute them.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from din_fast.kernels.attention import (ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP, _activation, _load_matrix,
-                                        _mlp_vectors, _mm, _padded, output_dtype, sequence_span)
+from din_fast.kernels.attention import (ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP, _activation,
+                                        _activation_backward, _load_matrix, _mlp_vectors, _mm, _padded, output_dtype,
+                                        sequence_span)
 
 _NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -98,6 +103,95 @@ def _rows_pool_kernel(keys_ptr, logits_ptr, span_ptr, pooled_ptr, weights_ptr, T
     tl.store(pooled_ptr + sample * D + offs_d, acc.to(pooled_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+@triton.jit
+def _rows_backward_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wo_ptr, bo_ptr,
+                          act_ptr, span_ptr, attn_ptr, grad_pooled_ptr, grad_attn_ptr, delta_ptr, grad_keys_ptr,
+                          grad_u_ptr, grad_query_ptr, part_kd_ptr, part_p_ptr, part_w2_ptr, part_b2_ptr, part_w3_ptr,
+                          part_b3_ptr, part_wo_ptr, part_bo_ptr, B, T, stride_qb, stride_kb, stride_kt, softmax_scale,
+                          D: tl.constexpr, DP: tl.constexpr, H1: tl.constexpr, H1P: tl.constexpr, H2: tl.constexpr,
+                          H2P: tl.constexpr, H3: tl.constexpr, H3P: tl.constexpr, HMAX: tl.constexpr,
+                          NUM_HIDDEN: tl.constexpr, HLP: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
+                          IEEE: tl.constexpr, TP: tl.constexpr, SAMPLES: tl.constexpr):
+    """One program per SAMPLES whole samples (TP >= T rows each): recomputes the MLP, back-
+    propagates the scores' gradient, writes the keys' gradient, each sample's ``dL/du`` ``[H1]``
+    and query share ``[D]``, and this program's fp32 partial weight gradients."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, SAMPLES * TP)
+    sample = pid * SAMPLES + rows // TP
+    position = rows % TP
+    in_batch = sample < B
+    valid = in_batch & (position < tl.load(span_ptr + sample, mask=in_batch, other=0))
+    offs_d = tl.arange(0, DP)
+    d_ok = (offs_d < D)[None, :]
+    rows_d = valid[:, None] & d_ok
+    k = tl.load(keys_ptr + sample[:, None] * stride_kb + position[:, None] * stride_kt + offs_d[None, :],
+                mask=rows_d, other=0.0).to(tl.float32)
+    q = tl.load(query_ptr + sample[:, None] * stride_qb + offs_d[None, :], mask=rows_d, other=0.0).to(tl.float32)
+    offs_h1 = tl.arange(0, H1P)
+    h1_ok = (offs_h1 < H1)[None, :]
+    u = tl.load(u_ptr + sample[:, None] * H1 + offs_h1[None, :], mask=valid[:, None] & h1_ok, other=0.0)
+    wkd = _load_matrix(wkd_ptr, D, H1, DP, H1P, False)
+    wp = _load_matrix(wp_ptr, D, H1, DP, H1P, False)
+    qk = q * k
+    z1 = u + _mm(k, wkd, IEEE) + _mm(qk, wp, IEEE)
+    a0, a1, a2, a3, b2, c0, c1, c2, c3, b3, e0, e1, e2, e3, wo, bo = _mlp_vectors(
+        act_ptr, b2_ptr, b3_ptr, wo_ptr, bo_ptr, H1, H1P, H2, H2P, H3, H3P, HMAX, NUM_HIDDEN)
+    h1 = _activation(z1, a0, a1, a2, a3, ACT)
+    h = h1
+    if NUM_HIDDEN >= 2:
+        w2 = _load_matrix(w2_ptr, H2, H1, H2P, H1P, False)
+        z2 = _mm(h1, tl.trans(w2), IEEE) + b2[None, :]
+        h2 = _activation(z2, c0, c1, c2, c3, ACT)
+        h = h2
+    if NUM_HIDDEN >= 3:
+        w3 = _load_matrix(w3_ptr, H3, H2, H3P, H2P, False)
+        z3 = _mm(h2, tl.trans(w3), IEEE) + b3[None, :]
+        h = _activation(z3, e0, e1, e2, e3, ACT)
+    score = tl.sum(h * wo[None, :], axis=1) + bo
+    grad_pooled = tl.load(grad_pooled_ptr + sample[:, None] * D + offs_d[None, :], mask=rows_d, other=0.0)
+    grad_w = tl.sum(grad_pooled * k, axis=1) + tl.load(grad_attn_ptr + sample * T + position, mask=valid, other=0.0)
+    if NORM == 0:
+        w = tl.where(valid, score, 0.0)
+        grad_score = tl.where(valid, grad_w, 0.0)
+    else:
+        w = tl.load(attn_ptr + sample * T + position, mask=valid, other=0.0)
+        grad_score = softmax_scale * w * (grad_w - tl.load(delta_ptr + sample, mask=in_batch, other=0.0))
+    tl.store(part_bo_ptr + pid, tl.sum(grad_score, axis=0))
+    tl.store(part_wo_ptr + pid * HLP + tl.arange(0, HLP), tl.sum(grad_score[:, None] * h, axis=0))
+    grad_h = grad_score[:, None] * wo[None, :]
+    if NUM_HIDDEN >= 3:
+        grad_z3, _, _, _ = _activation_backward(z3, grad_h, e0, e1, e2, e3, ACT)
+        offs_h3 = tl.arange(0, H3P)
+        tl.store(part_b3_ptr + pid * H3P + offs_h3, tl.sum(grad_z3, axis=0))
+        tl.store(part_w3_ptr + pid * H3P * H2P + offs_h3[:, None] * H2P + tl.arange(0, H2P)[None, :],
+                 _mm(tl.trans(grad_z3), h2, IEEE))
+        grad_h = _mm(grad_z3, w3, IEEE)
+    if NUM_HIDDEN >= 2:
+        grad_z2, _, _, _ = _activation_backward(z2, grad_h, c0, c1, c2, c3, ACT)
+        offs_h2 = tl.arange(0, H2P)
+        tl.store(part_b2_ptr + pid * H2P + offs_h2, tl.sum(grad_z2, axis=0))
+        tl.store(part_w2_ptr + pid * H2P * H1P + offs_h2[:, None] * H1P + offs_h1[None, :],
+                 _mm(tl.trans(grad_z2), h1, IEEE))
+        grad_h = _mm(grad_z2, w2, IEEE)
+    grad_z1, _, _, _ = _activation_backward(z1, grad_h, a0, a1, a2, a3, ACT)
+    grad_z1 = tl.where(valid[:, None], grad_z1, 0.0)
+    part = pid * DP * H1P + offs_d[:, None] * H1P + offs_h1[None, :]
+    tl.store(part_kd_ptr + part, _mm(tl.trans(k), grad_z1, IEEE))
+    tl.store(part_p_ptr + part, _mm(tl.trans(qk), grad_z1, IEEE))
+    grad_prod = _mm(grad_z1, tl.trans(wp), IEEE)
+    grad_k = _mm(grad_z1, tl.trans(wkd), IEEE) + q * grad_prod + w[:, None] * grad_pooled
+    # Every position t < T of the batch is written: 0 past a sample's length.
+    tl.store(grad_keys_ptr + sample[:, None] * stride_kb + position[:, None] * stride_kt + offs_d[None, :],
+             grad_k.to(grad_keys_ptr.dtype.element_ty), mask=(in_batch & (position < T))[:, None] & d_ok)
+    # Each sample's rows are TP consecutive rows of the tile: its sums are one reshape away.
+    samples = pid * SAMPLES + tl.arange(0, SAMPLES)
+    sample_ok = (samples < B)[:, None]
+    tl.store(grad_u_ptr + samples[:, None] * H1 + offs_h1[None, :],
+             tl.sum(tl.reshape(grad_z1, (SAMPLES, TP, H1P)), axis=1), mask=sample_ok & h1_ok)
+    tl.store(grad_query_ptr + samples[:, None] * D + offs_d[None, :],
+             tl.sum(tl.reshape(k * grad_prod, (SAMPLES, TP, DP)), axis=1), mask=sample_ok & d_ok)
+
+
 def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
                       biases: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None, *,
                       activation: str = "sigmoid", normalization: str = "none", softmax_scale: float = 1.0,
@@ -131,3 +225,64 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence
         keys, logits, span, pooled, attn, seq_len, keys.stride(0), keys.stride(1), float(softmax_scale), D=dim,
         DP=_padded(dim), NORM=NORMALIZATION_CODES[normalization], BLOCK_T=pool_block_t, num_warps=4)
     return pooled, attn
+
+
+def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
+                               biases: Sequence[torch.Tensor], grad_pooled: torch.Tensor,
+                               lengths: Optional[torch.Tensor] = None, *, activation: str = "sigmoid",
+                               normalization: str = "none", softmax_scale: float = 1.0, block_r: int = 64,
+                               num_warps: int = 4, backward_rows: int = 128, backward_warps: int = 8) -> list:
+    """``[pooled, grad query, grad keys, *grad weights, *grad biases]`` for the upstream gradient
+    ``grad_pooled`` ``[B, D]`` (none for the weights): the forward above, then
+    ``_rows_backward_kernel`` on ``backward_rows`` rows per program, whole samples (T <= 256)."""
+    batch, seq_len, dim = keys.shape
+    if not 1 <= seq_len <= 256:
+        raise ValueError(f"the candidate backward takes 1 <= T <= 256, got T={seq_len}")
+    pooled, attn = attention_forward(query, keys, weights, biases, lengths, activation=activation,
+                                     normalization=normalization, softmax_scale=softmax_scale, block_r=block_r,
+                                     num_warps=num_warps)
+    mlp = FoldedMLP(weights, biases, [() for _ in weights[:-1]])
+    span = sequence_span(batch, seq_len, lengths, None, keys.device)
+    hidden = mlp.hidden + [1] * (3 - len(mlp.hidden))
+    dim_p, (h1p, h2p, h3p) = _padded(dim), [_padded(h) for h in hidden]
+    seq_p = _padded(seq_len)
+    samples = max(1, backward_rows // seq_p)
+    programs = triton.cdiv(batch, samples)
+    device = keys.device
+    grad_pooled = grad_pooled.float().contiguous()
+    grad_attn = torch.zeros(batch, seq_len, dtype=torch.float32, device=device)
+    delta = ((grad_pooled * pooled.float()).sum(-1) + (grad_attn * attn.float()).sum(-1)
+             if normalization == "softmax" else mlp.dummy)
+
+    def part(*shape):
+        return torch.empty(programs, *shape, dtype=torch.float32, device=device)
+    part_kd, part_p = part(dim_p, h1p), part(dim_p, h1p)
+    part_w2, part_b2, part_w3, part_b3 = part(h2p, h1p), part(h2p), part(h3p, h2p), part(h3p)
+    last_p = [h1p, h2p, h3p][len(mlp.hidden) - 1]
+    part_wo, part_bo = part(last_p), part()
+    grad_keys = torch.empty_like(keys)
+    grad_u = torch.empty(batch, hidden[0], dtype=torch.float32, device=device)
+    grad_query_part = torch.empty(batch, dim, dtype=torch.float32, device=device)
+    w2, b2, w3, b3 = mlp.layer_pointers()
+    _rows_backward_kernel[(programs,)](
+        query, keys, mlp.query_bias(query), mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight,
+        mlp.score_bias, mlp.act_packed, span, attn, grad_pooled, grad_attn, delta, grad_keys, grad_u,
+        grad_query_part, part_kd, part_p, part_w2, part_b2, part_w3, part_b3, part_wo, part_bo, batch, seq_len,
+        query.stride(0), keys.stride(0), keys.stride(1), float(softmax_scale), D=dim, DP=dim_p, H1=hidden[0],
+        H1P=h1p, H2=hidden[1], H2P=h2p, H3=hidden[2], H3P=h3p, HMAX=mlp.hmax, NUM_HIDDEN=len(mlp.hidden),
+        HLP=last_p, ACT=ACTIVATION_CODES[activation], NORM=NORMALIZATION_CODES[normalization],
+        IEEE=keys.dtype == torch.float32, TP=seq_p, SAMPLES=samples, num_warps=backward_warps)
+    h1 = hidden[0]
+    grad_uq = grad_u.t() @ query.float()
+    sum_kd = part_kd.sum(0)[:dim, :h1].t()
+    grad_first = torch.cat([grad_uq, sum_kd, grad_uq - sum_kd, part_p.sum(0)[:dim, :h1].t()], dim=1)
+    grad_weights, grad_biases = [grad_first], [grad_u.sum(0)]
+    for w_part, b_part, (out, inp) in ((part_w2, part_b2, hidden[1::-1]), (part_w3, part_b3, hidden[2:0:-1])):
+        if len(grad_weights) < len(mlp.hidden):
+            grad_weights.append(w_part.sum(0)[:out, :inp])
+            grad_biases.append(b_part.sum(0)[:out])
+    grad_weights.append(part_wo.sum(0)[:mlp.hidden[-1]].reshape(1, -1))
+    grad_biases.append(part_bo.sum(0).reshape(1))
+    grad_query = grad_query_part + grad_u @ mlp.query_fold
+    cast = [g.to(w.dtype) for g, w in zip(grad_weights + grad_biases, list(weights) + list(biases))]
+    return [pooled, grad_query.to(query.dtype), grad_keys] + cast

@@ -10,8 +10,9 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
 * backward (after the shipped forward): tile rows in {16, 32, 64}, 4 or 8 warps, 2 or 8
   programs per multiprocessor; the passes and their chunks as shipped;
 * float32 with plain TF32 products instead of 3xTF32, each pass as shipped;
-* the forward of another design, ``benchmarks/attention_rows.py`` (row-parallel scores, then a
-  pooling pass), on 32 to 128 rows per program and 4 or 8 warps.
+* another design, ``benchmarks/attention_rows.py``: its forward (row-parallel scores, then a
+  pooling pass) on 32 to 128 rows per program, its backward (whole samples per program) on 64 to
+  256 rows, 4 or 8 warps.
 
 Each variant's outputs (pooled, and every gradient for the backward) are compared with the
 shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
@@ -52,7 +53,8 @@ def variants(dry_run: bool) -> List[dict]:
         (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
     backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
     rows = [(16, 4)] if dry_run else itertools.product((32, 64, 128), (4, 8))
-    forward, backward, rows = list(forward), list(backward), list(rows)
+    rows_backward = [(16, 4)] if dry_run else itertools.product((64, 128, 256), (4, 8))
+    forward, backward, rows, rows_backward = list(forward), list(backward), list(rows), list(rows_backward)
     found = []
     for dtype in dtypes:
         found.append(dict(dtype=dtype, kind="forward", shipped=True))
@@ -60,8 +62,10 @@ def variants(dry_run: bool) -> List[dict]:
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
-        # The candidate design of benchmarks/attention_rows.py (forward only).
+        # The candidate design of benchmarks/attention_rows.py: BLOCK_R rows per program (the
+        # backward's after the candidate forward's 64 rows on 4 warps).
         found += [dict(dtype=dtype, kind="forward", design="rows", block_r=b, num_warps=w) for b, w in rows]
+        found += [dict(dtype=dtype, kind="backward", design="rows", block_r=b, num_warps=w) for b, w in rows_backward]
         if dtype == "float32":
             # Plain TF32 products instead of 3xTF32 (about 1e-3 relative error; the launch rules
             # then take their 16-bit choices): what fp32 accuracy costs.
@@ -143,7 +147,13 @@ def make_runner(shape: dict, dtype_name: str, device: str):
             with torch.no_grad():
                 return [attention_rows.attention_forward(query, keys, weights, biases, block_r=variant["block_r"],
                                                          num_warps=variant["num_warps"])[0]]
-        return rows_forward
+
+        def rows_forward_backward():
+            with torch.no_grad():
+                return attention_rows.attention_forward_backward(
+                    query, keys, weights, biases, grad_pooled, backward_rows=variant["block_r"],
+                    backward_warps=variant["num_warps"])
+        return rows_forward if variant["kind"] == "forward" else rows_forward_backward
     return run_of
 
 
@@ -153,7 +163,8 @@ def _kernels(variant: dict) -> list:
 
     from . import attention_rows
     if variant.get("design") == "rows":
-        return [attention_rows._rows_scores_kernel, attention_rows._rows_pool_kernel]
+        return [attention_rows._rows_scores_kernel, attention_rows._rows_pool_kernel] + (
+            [attention_rows._rows_backward_kernel] if variant["kind"] == "backward" else [])
     return [kernels._din_attention_fwd_kernel if variant["kind"] == "forward" else kernels._din_attention_bwd_kernel]
 
 

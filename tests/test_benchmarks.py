@@ -202,6 +202,41 @@ def test_row_parallel_forward_candidate_matches_the_reference(hidden, activation
     assert_close(attn, expected[1], torch.float32, "weights")
 
 
+@pytest.mark.usefixtures("on_kernel_device")
+@pytest.mark.parametrize("hidden", [(12,), (12, 6), (12, 6, 4)])
+@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("relu", "softmax")])
+@pytest.mark.parametrize("backward_rows", [32, 128])
+def test_row_parallel_backward_candidate_matches_the_reference(hidden, activation, normalization, backward_rows):
+    """The candidate backward's gradients of the inputs and of every weight and bias against the
+    float64 reference, with ragged lengths (one 0, one T); whole samples of T = 13 (padded to 16)
+    per program, one or several."""
+    pytest.importorskip("triton")
+    from benchmarks import attention_rows
+    from din_fast import reference
+    from din_fast.testing import assert_close, nan_filled_allocations
+    batch, seq_len, dim = 5, 13, 18
+    query, keys = torch.randn(batch, dim), torch.randn(batch, seq_len, dim)
+    weights, biases, _ = run.attention_params(dim, hidden, activation, torch.float32, query.device)
+    lengths, grad_pooled = torch.tensor([13, 0, 5, 9, 1]), torch.randn(batch, dim)
+    with nan_filled_allocations():
+        got = attention_rows.attention_forward_backward(query, keys, weights, biases, grad_pooled, lengths,
+                                                        activation=activation, normalization=normalization,
+                                                        softmax_scale=0.7, block_r=16, backward_rows=backward_rows)
+    leaves = [t.double().requires_grad_() for t in (query, keys, *weights, *biases)]
+    pooled, _ = reference.attention_pooling(leaves[0], leaves[1], leaves[2:2 + len(weights)],
+                                            leaves[2 + len(weights):], lengths=lengths, activation=activation,
+                                            normalization=normalization, softmax_scale=0.7)
+    expected = [pooled] + list(torch.autograd.grad(pooled, leaves, grad_pooled.double()))
+    names = ["pooled", "query", "keys"] + [f"weights[{i}]" for i in range(len(weights))] + \
+        [f"biases[{i}]" for i in range(len(biases))]
+    assert len(got) == len(expected) == len(names)
+    for name, actual, want in zip(names, got, expected):
+        assert actual.shape == want.shape, name
+        # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions.
+        scale = 28 ** 0.5 if normalization == "softmax" and name == f"biases[{len(biases) - 1}]" else 1.0
+        assert_close(actual, want, torch.float32, name, scale=scale)
+
+
 def test_launch_sweep_dry_run(tmp_path):
     """The launch sweep on the CPU: a few variants on tiny shapes in Triton's interpreter, each
     compared with the shipped launch."""
@@ -215,7 +250,8 @@ def test_launch_sweep_dry_run(tmp_path):
     assert [(r["kind"], bool(r.get("shipped")), r.get("design"), bool(r.get("tf32"))) for r in rows] == [
         ("forward", True, None, False), ("forward", False, None, False), ("forward", False, None, False),
         ("backward", True, None, False), ("backward", False, None, False), ("backward", False, None, False),
-        ("forward", False, "rows", False), ("forward", False, None, True), ("backward", False, None, True)]
+        ("forward", False, "rows", False), ("backward", False, "rows", False), ("forward", False, None, True),
+        ("backward", False, None, True)]
     # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
     assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows), rows
 
