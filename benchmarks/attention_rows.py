@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from din_fast.kernels.attention import (ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP, _activation,
-                                        _activation_backward, _load_matrix, _mlp_vectors, _mm, _padded, output_dtype,
-                                        sequence_span)
+from din_fast.kernels.attention import (_DTYPE_SIG, ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP, _activation,
+                                        _activation_backward, _load_matrix, _mlp_vectors, _mm, _padded,
+                                        _shape_constexprs, _spec, output_dtype, sequence_span)
 
 _NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -286,3 +286,32 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     grad_query = grad_query_part + grad_u @ mlp.query_fold
     cast = [g.to(w.dtype) for g, w in zip(grad_weights + grad_biases, list(weights) + list(biases))]
     return [pooled, grad_query.to(query.dtype), grad_keys] + cast
+
+
+def _aot_specs() -> list:
+    """The sweep's launches at its headline case (D=36, hidden (80, 40), sigmoid, raw scores,
+    T=100) in float32 and bfloat16, for the compile gate's registers and spills:
+    ``python -m benchmarks.compile_gate --specs-file benchmarks/attention_rows.py``."""
+    specs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        io, name = _DTYPE_SIG[dtype], str(dtype).split(".")[-1]
+        shape = {k: v for k, v in _shape_constexprs(36, (80, 40), ACTIVATION_CODES["sigmoid"], "none", False,
+                                                    dtype).items() if k not in ("NORM", "HAS_MASK")}
+        pointers = dict(query_ptr=io, keys_ptr=io, span_ptr="*i32", grad_keys_ptr=io, pooled_ptr=io, weights_ptr=io)
+        scalars = dict(num_rows="i32", B="i32", T="i32", stride_qb="i32", stride_kb="i32", stride_kt="i32",
+                       softmax_scale="fp32")
+        for block_r in (32, 64, 128):
+            for num_warps in (4, 8):
+                specs.append(_spec(f"rows_scores_{name}_r{block_r}_w{num_warps}", _rows_scores_kernel, pointers,
+                                   scalars, dict(shape, BLOCK_R=block_r), num_warps, None, f"rows scores {name}"))
+        specs.append(_spec(f"rows_pool_{name}", _rows_pool_kernel, pointers, scalars,
+                           dict(D=36, DP=64, NORM=0, BLOCK_T=32), 4, None, f"rows pool {name}"))
+        for samples in (1, 2):
+            for num_warps in (4, 8):
+                specs.append(_spec(f"rows_backward_{name}_s{samples}_w{num_warps}", _rows_backward_kernel, pointers,
+                                   scalars, dict(shape, NORM=0, HLP=64, TP=128, SAMPLES=samples), num_warps, None,
+                                   f"rows backward {name}"))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
