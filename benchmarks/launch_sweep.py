@@ -63,14 +63,15 @@ def variants(dry_run: bool) -> List[dict]:
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
-        # The candidate design of benchmarks/attention_rows.py: BLOCK_R rows per program (the
-        # backward's after the candidate forward's 64 rows on 4 warps).
-        found += [dict(dtype=dtype, kind="forward", design="rows", block_r=b, num_warps=w) for b, w in rows]
-        found += [dict(dtype=dtype, kind="backward", design="rows", block_r=b, num_warps=w) for b, w in rows_backward]
         if dtype == "float32":
             # Plain TF32 products instead of 3xTF32 (about 1e-3 relative error; the launch rules
             # then take their 16-bit choices): what fp32 accuracy costs.
             found += [dict(dtype=dtype, kind=kind, tf32=True) for kind in ("forward", "backward")]
+        # The candidate design of benchmarks/attention_rows.py, last (its backward compiles
+        # slowest): BLOCK_R rows per program (the backward's after the candidate forward's 64
+        # rows on 4 warps).
+        found += [dict(dtype=dtype, kind="forward", design="rows", block_r=b, num_warps=w) for b, w in rows]
+        found += [dict(dtype=dtype, kind="backward", design="rows", block_r=b, num_warps=w) for b, w in rows_backward]
     return found
 
 

@@ -250,8 +250,8 @@ def test_launch_sweep_dry_run(tmp_path):
     assert [(r["kind"], bool(r.get("shipped")), r.get("design"), bool(r.get("tf32"))) for r in rows] == [
         ("forward", True, None, False), ("forward", False, None, False), ("forward", False, None, False),
         ("backward", True, None, False), ("backward", False, None, False), ("backward", False, None, False),
-        ("forward", False, "rows", False), ("backward", False, "rows", False), ("forward", False, None, True),
-        ("backward", False, None, True)]
+        ("forward", False, None, True), ("backward", False, None, True), ("forward", False, "rows", False),
+        ("backward", False, "rows", False)]
     # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
     assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows), rows
 
