@@ -213,6 +213,7 @@ def test_attention_bad_lengths(lengths, error, pattern):
         _pool()(torch.randn(2, 4), torch.randn(2, 3, 4), lengths)
 
 
+@pytest.mark.usefixtures("on_kernel_device")
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_value_checks_can_be_switched_off(monkeypatch, backend):
     # Without the checks (no host sync) lengths outside [0, T] act as clamped to it, as under
