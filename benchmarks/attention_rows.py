@@ -35,6 +35,8 @@ from din_fast.kernels.attention import (_DTYPE_SIG, ACTIVATION_CODES, NORMALIZAT
                                         _shape_constexprs, _spec, output_dtype, sequence_span)
 
 _NEG_BIG = tl.constexpr(-1.0e30)
+# Positions per tile of the pooling kernel.
+_POOL_BLOCK_T = 32
 
 
 @triton.jit
@@ -192,21 +194,22 @@ def _rows_backward_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b
              tl.sum(tl.reshape(k * grad_prod, (SAMPLES, TP, DP)), axis=1), mask=sample_ok & d_ok)
 
 
-def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
-                      biases: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None, *,
-                      activation: str = "sigmoid", normalization: str = "none", softmax_scale: float = 1.0,
-                      block_r: int = 64, num_warps: int = 4, pool_block_t: int = 32
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(pooled [B, D], weights [B, T])`` as ``din_fast.reference.attention_pooling`` (no
-    gradients): query ``[B, D]``, keys ``[B, T, D]`` (unit last stride), ``nn.Linear`` weights,
-    lengths ``[B]`` or None (every position valid)."""
+def _prepare(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
+             biases: Sequence[torch.Tensor], lengths: Optional[torch.Tensor], activation: str):
+    """``(mlp, span, u)``: the folded MLP, each sample's span ``[B]`` int32 and ``u`` ``[B, H1]``
+    fp32, after checking what this candidate takes."""
     if activation not in ("sigmoid", "relu"):
         raise ValueError(f"activation must be 'sigmoid' or 'relu' in this candidate, got {activation!r}")
     if query.stride(-1) != 1 or keys.stride(-1) != 1:
         raise ValueError("query and keys need a unit last stride")
-    batch, seq_len, dim = keys.shape
     mlp = FoldedMLP(weights, biases, [() for _ in weights[:-1]])
-    span = sequence_span(batch, seq_len, lengths, None, keys.device)
+    span = sequence_span(keys.shape[0], keys.shape[1], lengths, None, keys.device)
+    return mlp, span, mlp.query_bias(query)
+
+
+def _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_r, num_warps, pool_block_t):
+    """The two forward launches; ``(pooled [B, D], weights [B, T])`` in ``output_dtype``."""
+    batch, seq_len, dim = keys.shape
     hidden = mlp.hidden + [1] * (3 - len(mlp.hidden))
     logits = torch.empty(batch, seq_len, dtype=torch.float32, device=keys.device)
     out_dtype = output_dtype(keys.dtype, normalization)
@@ -216,15 +219,28 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence
         return pooled.zero_(), attn
     w2, b2, w3, b3 = mlp.layer_pointers()
     _rows_scores_kernel[(triton.cdiv(batch * seq_len, block_r),)](
-        query, keys, mlp.query_bias(query), mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight,
-        mlp.score_bias, mlp.act_packed, span, logits, batch * seq_len, seq_len, query.stride(0), keys.stride(0),
-        keys.stride(1), D=dim, DP=_padded(dim), H1=hidden[0], H1P=_padded(hidden[0]), H2=hidden[1],
-        H2P=_padded(hidden[1]), H3=hidden[2], H3P=_padded(hidden[2]), HMAX=mlp.hmax, NUM_HIDDEN=len(mlp.hidden),
+        query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight, mlp.score_bias,
+        mlp.act_packed, span, logits, batch * seq_len, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
+        D=dim, DP=_padded(dim), H1=hidden[0], H1P=_padded(hidden[0]), H2=hidden[1], H2P=_padded(hidden[1]),
+        H3=hidden[2], H3P=_padded(hidden[2]), HMAX=mlp.hmax, NUM_HIDDEN=len(mlp.hidden),
         ACT=ACTIVATION_CODES[activation], IEEE=keys.dtype == torch.float32, BLOCK_R=block_r, num_warps=num_warps)
     _rows_pool_kernel[(batch,)](
         keys, logits, span, pooled, attn, seq_len, keys.stride(0), keys.stride(1), float(softmax_scale), D=dim,
         DP=_padded(dim), NORM=NORMALIZATION_CODES[normalization], BLOCK_T=pool_block_t, num_warps=4)
     return pooled, attn
+
+
+def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
+                      biases: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None, *,
+                      activation: str = "sigmoid", normalization: str = "none", softmax_scale: float = 1.0,
+                      block_r: int = 64, num_warps: int = 4, pool_block_t: int = _POOL_BLOCK_T
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled [B, D], weights [B, T])`` as ``din_fast.reference.attention_pooling`` (no
+    gradients): query ``[B, D]``, keys ``[B, T, D]`` (unit last stride), ``nn.Linear`` weights,
+    lengths ``[B]`` or None (every position valid)."""
+    mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation)
+    return _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_r, num_warps,
+                    pool_block_t)
 
 
 def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -238,11 +254,9 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     batch, seq_len, dim = keys.shape
     if not 1 <= seq_len <= 256:
         raise ValueError(f"the candidate backward takes 1 <= T <= 256, got T={seq_len}")
-    pooled, attn = attention_forward(query, keys, weights, biases, lengths, activation=activation,
-                                     normalization=normalization, softmax_scale=softmax_scale, block_r=block_r,
-                                     num_warps=num_warps)
-    mlp = FoldedMLP(weights, biases, [() for _ in weights[:-1]])
-    span = sequence_span(batch, seq_len, lengths, None, keys.device)
+    mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation)
+    pooled, attn = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_r, num_warps,
+                            _POOL_BLOCK_T)
     hidden = mlp.hidden + [1] * (3 - len(mlp.hidden))
     dim_p, (h1p, h2p, h3p) = _padded(dim), [_padded(h) for h in hidden]
     seq_p = _padded(seq_len)
@@ -265,7 +279,7 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     grad_query_part = torch.empty(batch, dim, dtype=torch.float32, device=device)
     w2, b2, w3, b3 = mlp.layer_pointers()
     _rows_backward_kernel[(programs,)](
-        query, keys, mlp.query_bias(query), mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight,
+        query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, w3, b3, mlp.score_weight,
         mlp.score_bias, mlp.act_packed, span, attn, grad_pooled, grad_attn, delta, grad_keys, grad_u,
         grad_query_part, part_kd, part_p, part_w2, part_b2, part_w3, part_b3, part_wo, part_bo, batch, seq_len,
         query.stride(0), keys.stride(0), keys.stride(1), float(softmax_scale), D=dim, DP=dim_p, H1=hidden[0],
@@ -305,7 +319,7 @@ def _aot_specs() -> list:
                 specs.append(_spec(f"rows_scores_{name}_r{block_r}_w{num_warps}", _rows_scores_kernel, pointers,
                                    scalars, dict(shape, BLOCK_R=block_r), num_warps, None, f"rows scores {name}"))
         specs.append(_spec(f"rows_pool_{name}", _rows_pool_kernel, pointers, scalars,
-                           dict(D=36, DP=64, NORM=0, BLOCK_T=32), 4, None, f"rows pool {name}"))
+                           dict(D=36, DP=64, NORM=0, BLOCK_T=_POOL_BLOCK_T), 4, None, f"rows pool {name}"))
         for samples in (1, 2):
             for num_warps in (4, 8):
                 specs.append(_spec(f"rows_backward_{name}_s{samples}_w{num_warps}", _rows_backward_kernel, pointers,
