@@ -119,6 +119,8 @@ def local_batches(data: InteractionData, samples: Samples, batch_size: int, max_
     if shuffle and rng is None:
         raise ValueError("local_batches: shuffling needs rng, a Generator seeded alike on every rank (an "
                          "unseeded one gives each rank its own order: shards overlap and samples go unseen)")
+    # The generator is a function of its own so that the check above runs at the call, not at
+    # the first batch.
     return _local_batches(data, samples, batch_size, max_length, rng, rank, world, shuffle, device)
 
 
