@@ -1,7 +1,7 @@
 """One command for a GPU machine: native kernel tests, full-size checks against float64, benchmarks.
 
 ``PYTHONPATH=. python -m benchmarks.gpu_check --out OUT_DIR`` runs from the source tree with no
-network, in five stages, and writes everything flat under ``--out`` (9 files):
+network, in six stages, and writes everything flat under ``--out`` (10 files):
 
 1. ``pytest.log``, ``junit.xml``: ``tests/test_triton_*.py`` and ``tests/test_mba.py`` run
    natively (``TRITON_INTERPRET`` removed), float32 / bfloat16 / float16 as the tests choose, in
@@ -25,6 +25,11 @@ network, in five stages, and writes everything flat under ``--out`` (9 files):
    K=1M in float32; with the registers and spills of every compiled variant: whether alignment
    is worth gating a second variant for.
 
+6. ``profile.jsonl``: where the time goes (``torch.profiler``): per iteration of attention
+   forward+backward at B=4096 T=100 D=36 (float32, bfloat16), its forward at B=1024, serving
+   and the MBA step, the triton backend beside eager, the wall, host and device-busy times and
+   each kernel's launches and microseconds.
+
 ``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
 The exit status is non-zero when a test or a check failed.
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -473,6 +479,93 @@ def format_specialization(rows: Sequence[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage 6: where the time goes, kernel by kernel
+# ----------------------------------------------------------------------------------------------
+
+# (op, mode, GPU shape, dry-run shape, dtypes, providers): the cases whose triton timings missed
+# their targets, with the eager reference beside them.
+_PROFILE_CASES = (
+    ("attention", "forward+backward", dict(B=4096, T=100, D=36), dict(B=4, T=9, D=36), ("float32", "bfloat16"),
+     ("triton", "reference")),
+    ("attention", "forward", dict(B=1024, T=100, D=36), dict(B=4, T=9, D=36), ("float32",), ("triton", "reference")),
+    ("serving", "inference", dict(C=200, T=100, D=36), dict(C=4, T=9, D=36), ("float32",), ("triton", "reference")),
+    ("mba", "step", dict(K=1_000_000, D=64, B=4096, L=101), dict(K=1000, D=16, B=4, L=11), ("float32",),
+     ("triton", "torch")),
+)
+_PROFILED_ITERATIONS = 5
+
+
+def profile_kernels(out: Path, device: str, dry_run: bool) -> List[dict]:
+    """Each case run ``_PROFILED_ITERATIONS`` times under ``torch.profiler`` after a warm-up:
+    per iteration, its wall time (host clock, synchronized), the time the device was busy and
+    the time of each kernel (by name: launches per iteration and microseconds), and the host
+    time until the last launch returned. Wall time well above busy time means the device waits
+    for the host. Under ``--dry-run`` (CPU) the rows hold the leaf operators instead of kernels."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from .run import CASE_BUILDERS, _synchronize
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    rows = []
+    for op, mode, shape, tiny_shape, dtypes, providers in _PROFILE_CASES:
+        for dtype_name, provider in itertools.product(dtypes, providers):
+            case_shape = tiny_shape if dry_run else shape
+            row = dict(op=op, mode=mode, shape=case_shape, dtype=dtype_name, provider=provider)
+            try:
+                case = CASE_BUILDERS[op](case_shape, getattr(torch, dtype_name), device, mode, provider, {})
+                for _ in range(3):
+                    case.run()
+                _synchronize(device)
+                with profile(activities=activities) as prof:
+                    start = time.perf_counter()
+                    for _ in range(_PROFILED_ITERATIONS):
+                        case.run()
+                    launched = time.perf_counter()
+                    _synchronize(device)
+                    finished = time.perf_counter()
+            except Exception as err:  # a report: the other cases still run
+                rows.append(dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+                continue
+            kernels: Dict[str, List[float]] = {}
+            for event in prof.events():
+                if device == "cuda":
+                    if event.device_type != DeviceType.CUDA:
+                        continue
+                elif not event.name.startswith("aten::") or any(c.name.startswith("aten::")
+                                                                   for c in event.cpu_children):
+                    continue
+                kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
+            per_iteration = sorted(((name, len(times) / _PROFILED_ITERATIONS, sum(times) / _PROFILED_ITERATIONS)
+                                    for name, times in kernels.items()), key=lambda item: -item[2])
+            rows.append(dict(row, wall_us=(finished - start) * 1e6 / _PROFILED_ITERATIONS,
+                             host_us=(launched - start) * 1e6 / _PROFILED_ITERATIONS,
+                             busy_us=sum(us for _, _, us in per_iteration),
+                             kernels=[dict(name=name, launches=n, us=us) for name, n, us in per_iteration]))
+    with (out / "profile.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return rows
+
+
+def format_profile(rows: Sequence[dict], top: int = 6) -> str:
+    """Per case: wall, host and busy time per iteration, then its ``top`` kernels."""
+    lines = []
+    for r in rows:
+        head = (f"{r['op']:9s} {' '.join(f'{k}={v}' for k, v in r['shape'].items()):26s} {r['dtype']:9s} "
+                f"{r['mode']:16s} {r['provider']:9s}")
+        if "error" in r:
+            lines.append(f"{head} error: {r['error']}")
+            continue
+        launches = sum(k["launches"] for k in r["kernels"])
+        lines.append(f"{head} wall {r['wall_us']:.0f} us, host {r['host_us']:.0f} us, busy {r['busy_us']:.0f} us "
+                     f"in {launches:.0f} launches")
+        lines += [f"    {k['us']:9.1f} us  {k['launches']:4.1f}x  {k['name'][:90]}" for k in r["kernels"][:top]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -480,7 +573,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the result files (flat)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     parser.add_argument("--skip", default="",
-                        help="comma-separated stages to skip: tests,checks,bench,deepctr,specialization")
+                        help="comma-separated stages to skip: tests,checks,bench,deepctr,specialization,profile")
     parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds for the pytest stage")
     parser.add_argument("--bench-budget", type=float, default=330.0, help="seconds for the benchmark stage")
     args = parser.parse_args(argv)
@@ -544,6 +637,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("== stage 5: kernels as shipped against Triton's default specialization", flush=True)
         sections.append("unspecialized (shipped) against specialized kernels, median ms:\n"
                         + format_specialization(compare_specialization(out, device, args.dry_run)))
+        print(sections[-1], flush=True)
+
+    if "profile" not in skip:
+        print("== stage 6: kernel times per iteration (torch.profiler)", flush=True)
+        sections.append("per iteration: wall (synchronized), host (until the last launch returned), device busy; "
+                        "the largest kernels:\n" + format_profile(profile_kernels(out, device, args.dry_run)))
         print(sections[-1], flush=True)
 
     summary = "\n\n".join(sections)

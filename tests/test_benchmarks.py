@@ -152,8 +152,9 @@ def test_gpu_check_dry_run(tmp_path):
     print(f"dry run took {time.perf_counter() - start:.1f} s")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert all(p.is_file() for p in tmp_path.iterdir()) and len(files) <= 9, files
-    assert {"pytest.log", "checks.jsonl", "bench.jsonl", "bench.csv", "summary.txt", "environment.json"} <= set(files)
+    assert all(p.is_file() for p in tmp_path.iterdir()) and len(files) <= 10, files
+    assert {"pytest.log", "checks.jsonl", "bench.jsonl", "bench.csv", "summary.txt", "environment.json",
+            "profile.jsonl"} <= set(files)
     checks = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
     assert checks and all(c["ok"] for c in checks)
     measured = [c for c in checks if c.get("rel_err") is not None]
@@ -164,6 +165,9 @@ def test_gpu_check_dry_run(tmp_path):
     ok_triton = {r["op"] for r in rows if r["provider"] == "triton" and r["status"] == "ok"}
     assert ok_triton == {"dice", "attention", "serving", "mba"}
     assert "benchmarks (median ms" in (tmp_path / "summary.txt").read_text()
+    profiled = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    assert len(profiled) == sum(len(dtypes) * len(providers) for *_, dtypes, providers in gpu_check._PROFILE_CASES)
+    assert all("error" not in r and r["kernels"] and r["wall_us"] >= r["host_us"] > 0 for r in profiled), profiled
     specialization = [json.loads(line) for line in (tmp_path / "specialization.jsonl").read_text().splitlines()]
     timed = [r for r in specialization if "shipped_ms" in r]
     assert {r["op"] for r in timed} == {"attention", "dice", "mba"}
