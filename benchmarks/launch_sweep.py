@@ -10,14 +10,16 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
 * backward (after the shipped forward): tile rows in {16, 32, 64}, 4 or 8 warps, 2 or 8
   programs per multiprocessor; the passes and their chunks as shipped;
 * float32 with plain TF32 products instead of 3xTF32, each pass as shipped;
-* another design, ``benchmarks/attention_rows.py``: its forward (row-parallel scores, then a
-  pooling pass) on 32 to 128 rows per program, its backward (whole samples per program) on 128
-  or 256 rows, 4 or 8 warps.
+* another design, ``benchmarks/attention_chunked.py`` (the first layer in chunks of its
+  channels, smaller programs, partial sums by atomic adds to buffers each program owns): its
+  forward on 32 to 128 rows per tile, its backward on 32 or 64 rows, chunks of 16 or 32
+  channels, 4 or 8 warps, 2 or 4 programs per multiprocessor (14 options a dtype).
 
-Each variant's outputs (pooled, and every gradient for the backward) are compared with the
-shipped launch's, then timed with CUDA events; one JSON line per variant holds the median, the
-speed-up over the shipped launch, the largest relative difference, and the registers and spills
-of the kernels it compiled. Triton compiles each variant on first use, one at a time per
+Per (dtype, pass) the shipped launch comes first, then the other design, then the launch
+options. Each variant's outputs (pooled, and every gradient for the backward) are compared with
+the shipped launch's, then timed with CUDA events; one JSON line per variant holds the median,
+the speed-up over the shipped launch, the largest relative difference, whether a second run
+gave bit-identical results, and the registers and spills of the kernels it compiled. Triton compiles each variant on first use, one at a time per
 process, so ``--jobs`` processes compile them first on a small batch, for at most
 ``--compile-budget`` seconds (Triton's on-disk cache then serves the timing process).
 ``--dry-run`` runs a few variants on tiny shapes under Triton's interpreter (CPU), so that CI
@@ -52,26 +54,30 @@ def variants(dry_run: bool) -> List[dict]:
     forward = [(16, "chunk", 8), (32, "hold", 4)] if dry_run else itertools.product(
         (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
     backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
-    rows = [(16, 4)] if dry_run else itertools.product((32, 64, 128), (4, 8))
-    # At T = 100 (128 rows a sample) the backward takes one or two samples per program.
-    rows_backward = [(16, 4)] if dry_run else itertools.product((128, 256), (4, 8))
-    forward, backward, rows, rows_backward = list(forward), list(backward), list(rows), list(rows_backward)
+    # The other design: (rows per tile, channels per chunk, warps), its backward also programs
+    # per multiprocessor (after its forward on 64 rows, 16-channel chunks, 4 warps).
+    # The options with the fewest spills under Triton 3.6 (benchmarks/README.md).
+    chunked = [(16, 16, 4)] if dry_run else [(32, 16, 4), (32, 32, 4), (32, 16, 8), (64, 16, 4), (64, 16, 8),
+                                            (128, 16, 8)]
+    chunked_backward = [(16, 16, 4, 2)] if dry_run else [(b, h, w, p) for b, h, w in ((32, 16, 8), (32, 32, 8),
+                                                                                      (32, 16, 4), (64, 16, 8))
+                                                         for p in (2, 4)]
+    forward, backward = list(forward), list(backward)
     found = []
     for dtype in dtypes:
         found.append(dict(dtype=dtype, kind="forward", shipped=True))
+        found += [dict(dtype=dtype, kind="forward", design="chunked", block_t=b, h_chunk=h, num_warps=w)
+                  for b, h, w in chunked]
         found += [dict(dtype=dtype, kind="forward", block_t=b, fold=f, num_warps=w) for b, f, w in forward]
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
+        found += [dict(dtype=dtype, kind="backward", design="chunked", block_t=b, h_chunk=h, num_warps=w,
+                       programs_per_sm=p) for b, h, w, p in chunked_backward]
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
         if dtype == "float32":
             # Plain TF32 products instead of 3xTF32 (about 1e-3 relative error; the launch rules
             # then take their 16-bit choices): what fp32 accuracy costs.
             found += [dict(dtype=dtype, kind=kind, tf32=True) for kind in ("forward", "backward")]
-        # The candidate design of benchmarks/attention_rows.py, last (its backward compiles
-        # slowest): BLOCK_R rows per program (the backward's after the candidate forward's 64
-        # rows on 4 warps).
-        found += [dict(dtype=dtype, kind="forward", design="rows", block_r=b, num_warps=w) for b, w in rows]
-        found += [dict(dtype=dtype, kind="backward", design="rows", block_r=b, num_warps=w) for b, w in rows_backward]
     return found
 
 
@@ -83,14 +89,14 @@ def launched_as(variant: dict) -> Iterator[None]:
     from din_fast.kernels import attention as kernels
     saved = {name: getattr(kernels, name) for name in (
         "_forward_config", "_backward_launches", "_num_backward_programs", "_BACKWARD_BLOCK_T", "_common_constexprs")}
-    if "block_t" in variant and variant["kind"] == "forward":
+    if "block_t" in variant and variant["kind"] == "forward" and "design" not in variant:
         def forward_config(constexprs, seq_len, dtype, statistics=False):
             shipped = saved["_forward_config"](constexprs, seq_len, dtype, statistics)
             chunk = constexprs["DP"] if variant["fold"] == "hold" else kernels._first_layer_chunk(constexprs["DP"])
             return shipped._replace(block_t=min(variant["block_t"], kernels._padded(seq_len)), chunk=chunk,
                                     num_warps=variant["num_warps"])
         kernels._forward_config = forward_config
-    if "block_t" in variant and variant["kind"] == "backward":
+    if "block_t" in variant and variant["kind"] == "backward" and "design" not in variant:
         def backward_launches(constexprs, dice_mode):
             return [launch._replace(num_warps=variant["num_warps"])
                     for launch in saved["_backward_launches"](constexprs, dice_mode)]
@@ -121,7 +127,7 @@ def make_runner(shape: dict, dtype_name: str, device: str):
 
     from din_fast import functional
 
-    from . import attention_rows
+    from . import attention_chunked
     from .run import attention_params
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -142,20 +148,22 @@ def make_runner(shape: dict, dtype_name: str, device: str):
         return [pooled, *torch.autograd.grad(pooled, leaves, grad_pooled)]
 
     def run_of(variant):
-        if variant.get("design") != "rows":
+        if variant.get("design") != "chunked":
             return forward if variant["kind"] == "forward" else forward_backward
+        tile = dict(block_t=variant["block_t"], h_chunk=variant["h_chunk"], num_warps=variant["num_warps"])
 
-        def rows_forward():
+        def chunked_forward():
             with torch.no_grad():
-                return [attention_rows.attention_forward(query, keys, weights, biases, block_r=variant["block_r"],
-                                                         num_warps=variant["num_warps"])[0]]
+                return [attention_chunked.attention_forward(query, keys, weights, biases, **tile)[0]]
 
-        def rows_forward_backward():
+        def chunked_forward_backward():
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 1
             with torch.no_grad():
-                return attention_rows.attention_forward_backward(
-                    query, keys, weights, biases, grad_pooled, backward_rows=variant["block_r"],
-                    backward_warps=variant["num_warps"])
-        return rows_forward if variant["kind"] == "forward" else rows_forward_backward
+                return attention_chunked.attention_forward_backward(
+                    query, keys, weights, biases, grad_pooled, backward_block_t=tile["block_t"],
+                    backward_h_chunk=tile["h_chunk"], backward_warps=tile["num_warps"],
+                    programs=variant["programs_per_sm"] * sms)
+        return chunked_forward if variant["kind"] == "forward" else chunked_forward_backward
     return run_of
 
 
@@ -163,10 +171,10 @@ def _kernels(variant: dict) -> list:
     """The JIT kernels ``variant`` launches (for their registers and spills)."""
     from din_fast.kernels import attention as kernels
 
-    from . import attention_rows
-    if variant.get("design") == "rows":
-        return [attention_rows._rows_scores_kernel, attention_rows._rows_pool_kernel] + (
-            [attention_rows._rows_backward_kernel] if variant["kind"] == "backward" else [])
+    from . import attention_chunked
+    if variant.get("design") == "chunked":
+        return [attention_chunked._chunked_fwd_kernel] + (
+            [attention_chunked._chunked_bwd_kernel] if variant["kind"] == "backward" else [])
     return [kernels._din_attention_fwd_kernel if variant["kind"] == "forward" else kernels._din_attention_bwd_kernel]
 
 
@@ -237,6 +245,7 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
                         row["median_ms"] = cuda_time(run)[0]
                     else:
                         row["median_ms"] = cpu_time_interleaved([run], budget_s=0.0, min_repeats=1)[0][0]
+                    row["bitwise_repeatable"] = all(torch.equal(a, b) for a, b in zip(run(), results))
             except Exception as err:  # reported per variant; the others still run
                 row["error"] = compile_errors.get(index) or f"{type(err).__name__}: {err}"
             else:
@@ -262,8 +271,10 @@ def format_row(row: dict) -> str:
         options = "shipped"
     elif row.get("tf32"):
         options = "TF32 products"
-    elif row.get("design") == "rows":
-        options = f"row-parallel BLOCK_R={row['block_r']} warps={row['num_warps']}"
+    elif row.get("design") == "chunked":
+        options = f"chunked BLOCK_T={row['block_t']} HC={row['h_chunk']} warps={row['num_warps']}"
+        if row["kind"] == "backward":
+            options += f" programs/SM={row['programs_per_sm']}"
     elif row["kind"] == "forward":
         options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
     else:
@@ -273,7 +284,7 @@ def format_row(row: dict) -> str:
     spills = max((k.get("spills", 0) for k in row["compiled"]), default=0)
     return (f"{row['dtype']:9s} {row['kind']:9s} {options:40s} {row['median_ms']:8.3f} ms "
             f"({row['speedup_over_shipped']:.2f}x shipped), rel. diff {row['max_rel_diff']:.1e}, "
-            f"max spills {spills}")
+            f"max spills {spills}{'' if row['bitwise_repeatable'] else ', NOT bitwise repeatable'}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -180,64 +180,56 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.stdout.rstrip().endswith("gpu_check: all passed")
 
 
-@pytest.mark.usefixtures("on_kernel_device")
-@pytest.mark.parametrize("hidden", [(12,), (12, 6), (12, 6, 4)])
-@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("relu", "softmax")])
-@pytest.mark.parametrize("block_r", [16, 64])
-def test_row_parallel_forward_candidate_matches_the_reference(hidden, activation, normalization, block_r):
-    """The sweep's candidate design against the float64 reference: ragged lengths (one 0, one T)
-    whose rows straddle the row tiles, outputs pre-filled with NaN by the allocator."""
-    pytest.importorskip("triton")
-    from benchmarks import attention_rows
-    from din_fast import reference
-    from din_fast.testing import assert_close, nan_filled_allocations
+def _chunked_case(activation):
+    """Inputs of the chunked candidate's tests: five samples of T = 37 with ragged lengths (one
+    0, one T, one 1), hidden (40, 6) so that 16-channel chunks end with a partial one."""
     batch, seq_len, dim = 5, 37, 18
-    query, keys = torch.randn(batch, dim), torch.randn(batch, seq_len, dim)
-    weights, biases, _ = run.attention_params(dim, hidden, activation, torch.float32, query.device)
-    lengths = torch.tensor([37, 0, 5, 21, 1])
-    with nan_filled_allocations():
-        pooled, attn = attention_rows.attention_forward(query, keys, weights, biases, lengths, activation=activation,
-                                                        normalization=normalization, softmax_scale=0.7,
-                                                        block_r=block_r, pool_block_t=16)
-    expected = reference.attention_pooling(query.double(), keys.double(), [w.double() for w in weights],
-                                           [b.double() for b in biases], lengths=lengths, activation=activation,
-                                           normalization=normalization, softmax_scale=0.7)
-    assert_close(pooled, expected[0], torch.float32, "pooled")
-    assert_close(attn, expected[1], torch.float32, "weights")
+    query, keys, grad_pooled = torch.randn(batch, dim), torch.randn(batch, seq_len, dim), torch.randn(batch, dim)
+    weights, biases, act_params = run.attention_params(dim, (40, 6), activation, torch.float32, query.device)
+    # Per-channel PReLU weights in the first layer, one shared weight in the second.
+    prelu = [act_params[0][0], act_params[1][0][:1].clone()] if activation == "prelu" else []
+    return query, keys, grad_pooled, weights, biases, prelu, torch.tensor([37, 0, 5, 21, 1])
 
 
 @pytest.mark.usefixtures("on_kernel_device")
-@pytest.mark.parametrize("hidden", [(12,), (12, 6), (12, 6, 4)])
-@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("relu", "softmax")])
-@pytest.mark.parametrize("backward_rows", [32, 128])
-def test_row_parallel_backward_candidate_matches_the_reference(hidden, activation, normalization, backward_rows):
-    """The candidate backward's gradients of the inputs and of every weight and bias against the
-    float64 reference, with ragged lengths (one 0, one T); whole samples of T = 13 (padded to 16)
-    per program, one or several."""
+@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("relu", "softmax"), ("prelu", "none"),
+                                                      ("prelu", "softmax")])
+@pytest.mark.parametrize("block_t,h_chunk", [(16, 16), (32, 32)])
+def test_chunked_candidate_matches_the_reference(activation, normalization, block_t, h_chunk):
+    """The sweep's candidate design against the float64 reference: pooled, weights and the
+    gradients of the inputs and of every weight, bias and PReLU weight, with tiles that
+    straddle the lengths, on two persistent programs (each sums several samples), outputs
+    pre-filled with NaN by the allocator."""
     pytest.importorskip("triton")
-    from benchmarks import attention_rows
+    from benchmarks import attention_chunked
     from din_fast import reference
-    from din_fast.testing import assert_close, nan_filled_allocations
-    batch, seq_len, dim = 5, 13, 18
-    query, keys = torch.randn(batch, dim), torch.randn(batch, seq_len, dim)
-    weights, biases, _ = run.attention_params(dim, hidden, activation, torch.float32, query.device)
-    lengths, grad_pooled = torch.tensor([13, 0, 5, 9, 1]), torch.randn(batch, dim)
+    from din_fast.testing import assert_close, cancelling_sum_scale, nan_filled_allocations
+    query, keys, grad_pooled, weights, biases, prelu, lengths = _chunked_case(activation)
+    options = dict(activation=activation, act_params=prelu, normalization=normalization, softmax_scale=0.7)
     with nan_filled_allocations():
-        got = attention_rows.attention_forward_backward(query, keys, weights, biases, grad_pooled, lengths,
-                                                        activation=activation, normalization=normalization,
-                                                        softmax_scale=0.7, block_r=16, backward_rows=backward_rows)
-    leaves = [t.double().requires_grad_() for t in (query, keys, *weights, *biases)]
-    pooled, _ = reference.attention_pooling(leaves[0], leaves[1], leaves[2:2 + len(weights)],
-                                            leaves[2 + len(weights):], lengths=lengths, activation=activation,
-                                            normalization=normalization, softmax_scale=0.7)
-    expected = [pooled] + list(torch.autograd.grad(pooled, leaves, grad_pooled.double()))
-    names = ["pooled", "query", "keys"] + [f"weights[{i}]" for i in range(len(weights))] + \
-        [f"biases[{i}]" for i in range(len(biases))]
+        pooled, attn = attention_chunked.attention_forward(query, keys, weights, biases, lengths, block_t=block_t,
+                                                           h_chunk=h_chunk, **options)
+        got = attention_chunked.attention_forward_backward(query, keys, weights, biases, grad_pooled, lengths,
+                                                           block_t=block_t, h_chunk=h_chunk,
+                                                           backward_block_t=block_t, backward_h_chunk=h_chunk,
+                                                           programs=2, **options)
+    leaves = [t.double().requires_grad_() for t in (query, keys, *weights, *biases, *prelu)]
+    layers = len(weights)
+    expected_pooled, expected_attn = reference.attention_pooling(
+        leaves[0], leaves[1], leaves[2:2 + layers], leaves[2 + layers:2 + 2 * layers], lengths=lengths,
+        activation=activation, act_params=[(p,) for p in leaves[2 + 2 * layers:]], normalization=normalization,
+        softmax_scale=0.7)
+    assert_close(pooled, expected_pooled, torch.float32, "pooled")
+    assert_close(attn, expected_attn, torch.float32, "weights")
+    expected = [expected_pooled] + list(torch.autograd.grad(expected_pooled, leaves, grad_pooled.double()))
+    names = ["pooled", "query", "keys"] + [f"weights[{i}]" for i in range(layers)] + \
+        [f"biases[{i}]" for i in range(layers)] + [f"prelu[{i}]" for i in range(len(prelu))]
     assert len(got) == len(expected) == len(names)
     for name, actual, want in zip(names, got, expected):
         assert actual.shape == want.shape, name
         # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions.
-        scale = 28 ** 0.5 if normalization == "softmax" and name == f"biases[{len(biases) - 1}]" else 1.0
+        scale = (cancelling_sum_scale(int(lengths.sum())) if normalization == "softmax"
+                 and name == f"biases[{layers - 1}]" else 1.0)
         assert_close(actual, want, torch.float32, name, scale=scale)
 
 
@@ -252,12 +244,12 @@ def test_launch_sweep_dry_run(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kind"], bool(r.get("shipped")), r.get("design"), bool(r.get("tf32"))) for r in rows] == [
-        ("forward", True, None, False), ("forward", False, None, False), ("forward", False, None, False),
-        ("backward", True, None, False), ("backward", False, None, False), ("backward", False, None, False),
-        ("forward", False, None, True), ("backward", False, None, True), ("forward", False, "rows", False),
-        ("backward", False, "rows", False)]
+        ("forward", True, None, False), ("forward", False, "chunked", False), ("forward", False, None, False),
+        ("forward", False, None, False), ("backward", True, None, False), ("backward", False, "chunked", False),
+        ("backward", False, None, False), ("backward", False, None, False), ("forward", False, None, True),
+        ("backward", False, None, True)]
     # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
-    assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows), rows
+    assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 and r["bitwise_repeatable"] for r in rows), rows
 
 
 def test_torch_backend_speedup_attention_forward_backward(benchmark):
