@@ -276,7 +276,8 @@ def _constexprs(mlp: FoldedMLP, activation: str, normalization: str, dtype: torc
                 NORM=NORMALIZATION_CODES[normalization], IEEE=dtype == torch.float32, BLOCK_T=block_t, HC=h_chunk)
 
 
-def _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk, num_warps):
+def _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk, num_warps,
+             max_registers):
     """``(pooled [B, D], weights [B, T], row max [B], row sum [B])``, the first two in ``output_dtype``."""
     batch, seq_len, dim = keys.shape
     device = keys.device
@@ -294,7 +295,7 @@ def _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, mlp.score_weight, mlp.score_bias, mlp.act_packed, span,
         pooled, attn, logits, row_max, row_sum, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
         float(softmax_scale), **_constexprs(mlp, activation, normalization, keys.dtype, block_t, h_chunk),
-        num_warps=num_warps)
+        num_warps=num_warps, maxnreg=max_registers)
     return pooled, attn, row_max, row_sum
 
 
@@ -302,14 +303,15 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence
                       biases: Sequence[torch.Tensor], lengths: Optional[torch.Tensor] = None, *,
                       activation: str = "sigmoid", act_params: Sequence[torch.Tensor] = (),
                       normalization: str = "none", softmax_scale: float = 1.0, block_t: int = 64, h_chunk: int = 16,
-                      num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+                      num_warps: int = 4, max_registers: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(pooled [B, D], weights [B, T])`` as ``din_fast.reference.attention_pooling`` (no
     gradients): query ``[B, D]``, keys ``[B, T, D]`` (unit last stride), ``nn.Linear`` weights
     of two hidden layers and the score layer, lengths ``[B]`` or None (every position valid);
-    ``block_t`` positions per tile, the first layer ``h_chunk`` channels at a time."""
+    ``block_t`` positions per tile, the first layer ``h_chunk`` channels at a time; a register
+    limit ``max_registers`` trades spills for programs per multiprocessor."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
     return _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk,
-                    num_warps)[:2]
+                    num_warps, max_registers)[:2]
 
 
 def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -318,13 +320,13 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
                                act_params: Sequence[torch.Tensor] = (), normalization: str = "none",
                                softmax_scale: float = 1.0, block_t: int = 64, h_chunk: int = 16, num_warps: int = 4,
                                backward_block_t: int = 64, backward_h_chunk: int = 16, backward_warps: int = 4,
-                               programs: int = 2) -> List[torch.Tensor]:
+                               backward_max_registers: Optional[int] = None, programs: int = 2) -> List[torch.Tensor]:
     """``[pooled, grad query, grad keys, *grad weights, *grad biases, *grad act_params]`` for the
     upstream gradient ``grad_pooled`` ``[B, D]`` (none for the weights): the forward above, then
     ``_chunked_bwd_kernel`` on ``programs`` persistent programs."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
     pooled, attn, row_max, row_sum = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
-                                              block_t, h_chunk, num_warps)
+                                              block_t, h_chunk, num_warps, None)
     batch, seq_len, dim = keys.shape
     (h1, h2), device = mlp.hidden, keys.device
     programs = max(1, min(programs, batch))
@@ -350,7 +352,7 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
                 query.stride(0), keys.stride(0), keys.stride(1), grad_keys.stride(0), grad_keys.stride(1),
                 float(softmax_scale),
                 **_constexprs(mlp, activation, normalization, keys.dtype, backward_block_t, backward_h_chunk),
-                PASS=backward_pass, num_warps=backward_warps)
+                PASS=backward_pass, num_warps=backward_warps, maxnreg=backward_max_registers)
     # z1 = u + k M with u = q (Wq + Wd)^T + b1 and M = (Wk - Wd)^T + diag(q) Wp^T.
     grad_uq = grad_u.t() @ query.float()
     sum_kd = part_kd.sum(0)

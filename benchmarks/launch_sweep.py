@@ -13,7 +13,8 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
 * another design, ``benchmarks/attention_chunked.py`` (the first layer in chunks of its
   channels, smaller programs, partial sums by atomic adds to buffers each program owns): its
   forward on 32 to 128 rows per tile, its backward on 32 or 64 rows, chunks of 16 or 32
-  channels, 4 or 8 warps, 2 or 4 programs per multiprocessor (14 options a dtype).
+  channels, 4 or 8 warps, 2 or 4 programs per multiprocessor, and register limits that trade
+  spills for programs per multiprocessor (18 options a dtype).
 
 Per (dtype, pass) the shipped launch comes first, then the other design, then the launch
 options. Each variant's outputs (pooled, and every gradient for the backward) are compared with
@@ -56,22 +57,25 @@ def variants(dry_run: bool) -> List[dict]:
     backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
     # The other design: (rows per tile, channels per chunk, warps), its backward also programs
     # per multiprocessor (after its forward on 64 rows, 16-channel chunks, 4 warps).
-    # The options with the fewest spills under Triton 3.6 (benchmarks/README.md).
-    chunked = [(16, 16, 4)] if dry_run else [(32, 16, 4), (32, 32, 4), (32, 16, 8), (64, 16, 4), (64, 16, 8),
-                                            (128, 16, 8)]
-    chunked_backward = [(16, 16, 4, 2)] if dry_run else [(b, h, w, p) for b, h, w in ((32, 16, 8), (32, 32, 8),
-                                                                                      (32, 16, 4), (64, 16, 8))
-                                                         for p in (2, 4)]
+    # The options with the fewest spills under Triton 3.6 (benchmarks/README.md), then register
+    # limits that allow 3 or 4 programs of 4 warps per multiprocessor, spilling: is occupancy
+    # worth the spills?
+    chunked = [(16, 16, 4, None)] if dry_run else [(32, 16, 4, None), (32, 32, 4, None), (32, 16, 8, None),
+                                                  (64, 16, 4, None), (64, 16, 8, None), (128, 16, 8, None),
+                                                  (32, 16, 4, 128), (64, 16, 4, 168)]
+    chunked_backward = [(16, 16, 4, 2, 128)] if dry_run else [
+        (b, h, w, p, None) for b, h, w in ((32, 16, 8), (32, 32, 8), (32, 16, 4), (64, 16, 8)) for p in (2, 4)] + [
+        (32, 16, 4, 4, 128), (32, 16, 4, 3, 168)]
     forward, backward = list(forward), list(backward)
     found = []
     for dtype in dtypes:
         found.append(dict(dtype=dtype, kind="forward", shipped=True))
-        found += [dict(dtype=dtype, kind="forward", design="chunked", block_t=b, h_chunk=h, num_warps=w)
-                  for b, h, w in chunked]
+        found += [dict(dtype=dtype, kind="forward", design="chunked", block_t=b, h_chunk=h, num_warps=w, maxnreg=r)
+                  for b, h, w, r in chunked]
         found += [dict(dtype=dtype, kind="forward", block_t=b, fold=f, num_warps=w) for b, f, w in forward]
         found.append(dict(dtype=dtype, kind="backward", shipped=True))
         found += [dict(dtype=dtype, kind="backward", design="chunked", block_t=b, h_chunk=h, num_warps=w,
-                       programs_per_sm=p) for b, h, w, p in chunked_backward]
+                       programs_per_sm=p, maxnreg=r) for b, h, w, p, r in chunked_backward]
         found += [dict(dtype=dtype, kind="backward", block_t=b, num_warps=w, programs_per_sm=p)
                   for b, w, p in backward]
         if dtype == "float32":
@@ -154,7 +158,8 @@ def make_runner(shape: dict, dtype_name: str, device: str):
 
         def chunked_forward():
             with torch.no_grad():
-                return [attention_chunked.attention_forward(query, keys, weights, biases, **tile)[0]]
+                return [attention_chunked.attention_forward(query, keys, weights, biases, **tile,
+                                                            max_registers=variant["maxnreg"])[0]]
 
         def chunked_forward_backward():
             sms = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 1
@@ -162,7 +167,7 @@ def make_runner(shape: dict, dtype_name: str, device: str):
                 return attention_chunked.attention_forward_backward(
                     query, keys, weights, biases, grad_pooled, backward_block_t=tile["block_t"],
                     backward_h_chunk=tile["h_chunk"], backward_warps=tile["num_warps"],
-                    programs=variant["programs_per_sm"] * sms)
+                    backward_max_registers=variant["maxnreg"], programs=variant["programs_per_sm"] * sms)
         return chunked_forward if variant["kind"] == "forward" else chunked_forward_backward
     return run_of
 
@@ -275,6 +280,8 @@ def format_row(row: dict) -> str:
         options = f"chunked BLOCK_T={row['block_t']} HC={row['h_chunk']} warps={row['num_warps']}"
         if row["kind"] == "backward":
             options += f" programs/SM={row['programs_per_sm']}"
+        if row["maxnreg"]:
+            options += f" maxnreg={row['maxnreg']}"
     elif row["kind"] == "forward":
         options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
     else:
