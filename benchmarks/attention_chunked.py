@@ -57,17 +57,27 @@ def _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1: tl.constexpr
 
 
 @triton.jit
+def _first_layer_chunk(k, q, u_row, wkd_ptr, wp_ptr, act_ptr, offs_d, d_ok, start, H1: tl.constexpr,
+                       HMAX: tl.constexpr, IEEE: tl.constexpr, HC: tl.constexpr):
+    """First-layer channels ``start .. start + HC``: ``(offs_h, h_ok, fold [DP, HC], z1 [BLOCK_T,
+    HC], p0, p1, p2, p3)``, ``z1 = u + k M_b`` on them and their activation parameters."""
+    offs_h = start + tl.arange(0, HC)
+    h_ok = offs_h < H1
+    fold = _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1)
+    z1 = tl.load(u_row + offs_h, mask=h_ok, other=0.0)[None, :] + _mm(k, fold, IEEE)
+    p0, p1, p2, p3 = _act_params_at(act_ptr, 0, offs_h, H1, HMAX)
+    return offs_h, h_ok, fold, z1, p0, p1, p2, p3
+
+
+@triton.jit
 def _second_layer_input(k, q, u_row, wkd_ptr, wp_ptr, w2_ptr, b2, act_ptr, offs_d, d_ok, H1: tl.constexpr,
                         H2: tl.constexpr, H2P: tl.constexpr, HMAX: tl.constexpr, ACT: tl.constexpr,
                         IEEE: tl.constexpr, HC: tl.constexpr):
     """``z2 = act(u + k M_b) W2^T + b2`` ``[BLOCK_T, H2P]``, the first layer ``HC`` channels at a time."""
     z2 = tl.zeros([k.shape[0], H2P], dtype=tl.float32) + b2[None, :]
     for start in range(0, H1, HC):
-        offs_h = start + tl.arange(0, HC)
-        h_ok = offs_h < H1
-        fold = _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1)
-        z1 = tl.load(u_row + offs_h, mask=h_ok, other=0.0)[None, :] + _mm(k, fold, IEEE)
-        p0, p1, p2, p3 = _act_params_at(act_ptr, 0, offs_h, H1, HMAX)
+        offs_h, _, _, z1, p0, p1, p2, p3 = _first_layer_chunk(k, q, u_row, wkd_ptr, wp_ptr, act_ptr, offs_d, d_ok,
+                                                             start, H1, HMAX, IEEE, HC)
         # Channels past H1 meet zero rows of W2^T.
         z2 += _mm(_activation(z1, p0, p1, p2, p3, ACT), _load_w2_columns(w2_ptr, offs_h, H1, H2, H2P, True), IEEE)
     return z2
@@ -211,11 +221,8 @@ def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
                 tl.atomic_add(part_act + HMAX + offs_h2, tl.sum(grad_c0, axis=0), mask=h2_ok, sem="relaxed")
                 grad_k = w[:, None] * g[None, :]
             for start in range(0, H1, HC):
-                offs_h = start + tl.arange(0, HC)
-                h_ok = offs_h < H1
-                fold = _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1)
-                z1 = tl.load(u_row + offs_h, mask=h_ok, other=0.0)[None, :] + _mm(k, fold, IEEE)
-                p0, p1, p2, p3 = _act_params_at(act_ptr, 0, offs_h, H1, HMAX)
+                offs_h, h_ok, fold, z1, p0, p1, p2, p3 = _first_layer_chunk(k, q, u_row, wkd_ptr, wp_ptr, act_ptr,
+                                                                            offs_d, d_ok, start, H1, HMAX, IEEE, HC)
                 if PASS == 2:
                     tl.atomic_add(part_w2 + offs_h2[:, None] * H1 + offs_h[None, :],
                                   _mm(tl.trans(grad_z2), _activation(z1, p0, p1, p2, p3, ACT), IEEE),
