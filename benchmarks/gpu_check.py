@@ -24,11 +24,10 @@ network, in six stages, and writes everything flat under ``--out`` (10 files):
    T=100 D=36 and Dice forward+backward at 409600x40 in float32 and bfloat16, the MBA step at
    K=1M in float32; with the registers and spills of every compiled variant: whether alignment
    is worth gating a second variant for.
-
 6. ``profile.jsonl``: where the time goes (``torch.profiler``): per iteration of attention
    forward+backward at B=4096 T=100 D=36 (float32, bfloat16), its forward at B=1024, serving
-   and the MBA step, the triton backend beside eager, the wall, host and device-busy times and
-   each kernel's launches and microseconds.
+   and the MBA step, the triton backend beside eager (the MBA step: beside the torch backend),
+   the wall, host and device-busy times and each kernel's launches and microseconds.
 
 ``summary.txt`` holds the tables printed last; ``environment.json`` the versions and the device.
 The exit status is non-zero when a test or a check failed.
@@ -499,8 +498,9 @@ def profile_kernels(out: Path, device: str, dry_run: bool) -> List[dict]:
     """Each case run ``_PROFILED_ITERATIONS`` times under ``torch.profiler`` after a warm-up:
     per iteration, its wall time (host clock, synchronized), the time the device was busy and
     the time of each kernel (by name: launches per iteration and microseconds), and the host
-    time until the last launch returned. Wall time well above busy time means the device waits
-    for the host. Under ``--dry-run`` (CPU) the rows hold the leaf operators instead of kernels."""
+    time until the last launch returned (the profiler's own bookkeeping adds to it). Wall time
+    well above busy time means the device waits for the host. Under ``--dry-run`` (CPU) the rows
+    hold the leaf operators instead of kernels."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -525,18 +525,18 @@ def profile_kernels(out: Path, device: str, dry_run: bool) -> List[dict]:
                     launched = time.perf_counter()
                     _synchronize(device)
                     finished = time.perf_counter()
+                kernels: Dict[str, List[float]] = {}
+                for event in prof.events():
+                    if device == "cuda":
+                        if event.device_type != DeviceType.CUDA:
+                            continue
+                    elif not event.name.startswith("aten::") or any(c.name.startswith("aten::")
+                                                                       for c in event.cpu_children):
+                        continue
+                    kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
             except Exception as err:  # a report: the other cases still run
                 rows.append(dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
                 continue
-            kernels: Dict[str, List[float]] = {}
-            for event in prof.events():
-                if device == "cuda":
-                    if event.device_type != DeviceType.CUDA:
-                        continue
-                elif not event.name.startswith("aten::") or any(c.name.startswith("aten::")
-                                                                   for c in event.cpu_children):
-                    continue
-                kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
             per_iteration = sorted(((name, len(times) / _PROFILED_ITERATIONS, sum(times) / _PROFILED_ITERATIONS)
                                     for name, times in kernels.items()), key=lambda item: -item[2])
             rows.append(dict(row, wall_us=(finished - start) * 1e6 / _PROFILED_ITERATIONS,

@@ -11,18 +11,19 @@ valid) in float32 and bfloat16 and runs it under other launch options than the s
   programs per multiprocessor; the passes and their chunks as shipped;
 * float32 with plain TF32 products instead of 3xTF32, each pass as shipped;
 * another design, ``benchmarks/attention_chunked.py`` (the first layer in chunks of its
-  channels, smaller programs, partial sums by atomic adds to buffers each program owns): its
-  forward on 32 to 128 rows per tile, its backward on 32 or 64 rows, chunks of 16 or 32
-  channels, 4 or 8 warps, 2 or 4 programs per multiprocessor, and register limits that trade
-  spills for programs per multiprocessor (18 options a dtype).
+  channels recomputed from the keys, no scratch memory, partial sums by atomic adds to buffers
+  each program owns): its forward on 32 to 128 rows per tile, its backward on 32 or 64 rows,
+  chunks of 16 or 32 channels, 4 or 8 warps, 2 or 4 programs per multiprocessor, and register
+  limits that trade spills for programs per multiprocessor (18 options a dtype).
 
 Per (dtype, pass) the shipped launch comes first, then the other design, then the launch
 options. Each variant's outputs (pooled, and every gradient for the backward) are compared with
 the shipped launch's, then timed with CUDA events; one JSON line per variant holds the median,
 the speed-up over the shipped launch, the largest relative difference, whether a second run
-gave bit-identical results, and the registers and spills of the kernels it compiled. Triton compiles each variant on first use, one at a time per
-process, so ``--jobs`` processes compile them first on a small batch, for at most
-``--compile-budget`` seconds (Triton's on-disk cache then serves the timing process).
+gave bit-identical results, and the registers and spills of the kernels it compiled. Triton
+compiles each variant on first use, one at a time per process, so ``--jobs`` processes compile
+them first on a small batch, for at most ``--compile-budget`` seconds (Triton's on-disk cache
+then serves the timing process).
 ``--dry-run`` runs a few variants on tiny shapes under Triton's interpreter (CPU), so that CI
 exercises the script.
 """
@@ -55,11 +56,11 @@ def variants(dry_run: bool) -> List[dict]:
     forward = [(16, "chunk", 8), (32, "hold", 4)] if dry_run else itertools.product(
         (16, 32, 64, 128), ("hold", "chunk"), (4, 8))
     backward = [(16, 8, 2), (32, 4, 2)] if dry_run else itertools.product((16, 32, 64), (4, 8), (2, 8))
-    # The other design: (rows per tile, channels per chunk, warps), its backward also programs
-    # per multiprocessor (after its forward on 64 rows, 16-channel chunks, 4 warps).
-    # The options with the fewest spills under Triton 3.6 (benchmarks/README.md), then register
-    # limits that allow 3 or 4 programs of 4 warps per multiprocessor, spilling: is occupancy
-    # worth the spills?
+    # The other design: (rows per tile, channels per chunk, warps[, programs per multiprocessor],
+    # register limit); its backward runs after its forward on 64 rows, 16-channel chunks, 4 warps.
+    # First the options with the fewest spills under Triton 3.6 (benchmarks/README.md), then
+    # register limits that allow 3 or 4 programs of 4 warps per multiprocessor, spilling: is
+    # occupancy worth the spills?
     chunked = [(16, 16, 4, None)] if dry_run else [(32, 16, 4, None), (32, 32, 4, None), (32, 16, 8, None),
                                                   (64, 16, 4, None), (64, 16, 8, None), (128, 16, 8, None),
                                                   (32, 16, 4, 128), (64, 16, 4, 168)]
