@@ -517,6 +517,11 @@ def test_dice_training_single_position_and_single_sample(dice_stats):
                     dice_stats=dice_stats, lengths=torch.tensor([3]), api="triton_ops")
     run_and_compare(1, 1, 18, (12, 6), activation="dice", normalization="none", training=True, affine=True,
                     dice_stats=dice_stats, api="triton_ops")
+    # One counted position under three layers whose H1 = 28 the backward takes in 16-wide chunks:
+    # its second layer's sums round otherwise than the statistics pass's one product, and
+    # rsqrt(eps) magnified that at each layer above (gradients off by up to 7e8).
+    run_and_compare(1, 5, 16, (28, 25, 14), activation="dice", normalization="softmax", training=True,
+                    affine=True, dice_stats=dice_stats, lengths=torch.tensor([1]), api="triton_ops")
 
 
 def test_dice_training_with_a_tiny_batch_variance():

@@ -150,14 +150,22 @@ def _dice_gate(hidden: Sequence[int], act_flat: Sequence[Tensor], eps: float, ba
     if not batch_statistics and len(layers[0]) == 3:
         return None, None
     rstd = torch.zeros(len(hidden), max(hidden), dtype=torch.float32, device=act_flat[0].device)
-    vectors = []
+    means = []
     for i, (width, params) in enumerate(zip(hidden, layers)):
         if batch_statistics:
             mean, var = dice_mean[i, :width], dice_var[i, :width]
         else:
             mean, var = params[1].float(), params[2].float()
         rstd[i, :width] = torch.rsqrt(var + eps)
-        vectors.append(_gate_vectors(params, mean, rstd[i, :width]))
+        means.append(mean)
+    if batch_statistics:
+        # Statistics of one position: its centred value is exactly 0 and they pass no gradient
+        # (d(z - mean)/dz = 1 - 1/n = 0). A zero rstd says so exactly. With rsqrt(eps) instead,
+        # the backward's recomputed z, whose sums may round otherwise than the statistics
+        # pass's, would sit off the mean by a rounding error times 1e4 at every Dice layer.
+        rstd.mul_(dice_count > 1)
+    vectors = [_gate_vectors(params, mean, rstd[i, :width])
+               for i, (width, params, mean) in enumerate(zip(hidden, layers, means))]
     return _k.DiceGate(rstd, dice_count if batch_statistics else None, keep_all), vectors
 
 
