@@ -2,11 +2,13 @@
 the float64 reference: pooled output, weights and every gradient, under Triton's interpreter
 (set by conftest) or natively on a GPU."""
 
+import random
+
 import pytest
 import torch
 
 from din_fast import functional, reference
-from din_fast._attention_shapes import KERNEL_ENVELOPE
+from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
 from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, cancelling_sum_scale, nan_filled,
                               nan_filled_allocations)
 
@@ -654,3 +656,44 @@ def test_dice_training_traces_without_graph_breaks():
         assert not torch.equal(layer[1], initial_mean)
         assert_close(layer[1], eager_layer[1].double(), torch.float32, "running_mean")
         assert_close(layer[2], eager_layer[2].double(), torch.float32, "running_var")
+
+
+def random_configuration(seed):
+    """``((B, T, D, hidden), options)`` for ``run_and_compare``, drawn from ``seed`` within the
+    kernels' shapes: one to three hidden layers of random widths, D from 1 to 100, T from 1 to
+    70 (one tile or several), every activation and normalization, Dice in training or not with
+    either statistics, all positions or lengths (0 and T among them) or a random mask, float32
+    mostly and 16-bit inputs."""
+    rng = random.Random(seed)
+    while True:
+        layers = rng.choice([1, 2, 2, 3])
+        hidden = tuple(rng.randint(1, width) for width in ((96,) if layers == 1 else (128, 64, 32)[:layers]))
+        dim = rng.choice([1, 2, 3, 7, 8, 16, 17, 36, 64, 100])
+        if not kernel_unsupported(dim, list(hidden)):
+            break
+    batch, seq_len = rng.randint(1, 5), rng.choice([1, 2, 5, 16, 17, 33, 64, 70])
+    activation = rng.choice(["sigmoid", "relu", "prelu", "dice", "dice"])
+    options = dict(activation=activation, normalization=rng.choice(["none", "softmax"]),
+                   softmax_scale=rng.choice([1.0, 0.37, 2.5]),
+                   dtype=rng.choice([torch.float32] * 4 + [torch.bfloat16, torch.float16]))
+    valid = rng.choice(["all", "lengths", "mask"])
+    if valid == "lengths":
+        options["lengths"] = torch.tensor([rng.choice([0, seq_len, rng.randint(0, seq_len)]) for _ in range(batch)])
+    elif valid == "mask":
+        density = rng.random()
+        options["mask"] = torch.tensor([[rng.random() < density for _ in range(seq_len)] for _ in range(batch)])
+    if activation == "prelu":
+        options["prelu_shared"] = rng.random() < 0.3
+    if activation == "dice":
+        options.update(affine=rng.random() < 0.5, training=rng.random() < 0.5,
+                       dice_stats=rng.choice(["valid", "all"]))
+    return (batch, seq_len, dim, hidden), options
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_configurations(seed):
+    """Configurations drawn at random from fixed seeds (``random_configuration``): the options'
+    combinations the other tests do not pick one by one."""
+    shape, options = random_configuration(seed)
+    torch.manual_seed(seed)
+    run_and_compare(*shape, **options)
