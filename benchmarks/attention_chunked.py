@@ -40,11 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from din_fast.kernels.attention import (_DTYPE_SIG, ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP, _act_params,
-                                        _act_params_at, _activation, _activation_backward, _load_vector,
-                                        _load_w2_columns, _mm, _padded, _spec, output_dtype, sequence_span)
-
-_NEG_BIG = tl.constexpr(-1.0e30)
+from din_fast.kernels.attention import (_DTYPE_SIG, _NEG_BIG, ACTIVATION_CODES, NORMALIZATION_CODES, FoldedMLP,
+                                        _act_params, _act_params_at, _activation, _activation_backward,
+                                        _load_vector, _load_w2_columns, _mm, _padded, _spec, output_dtype,
+                                        sequence_span)
 
 
 @triton.jit
@@ -59,8 +58,8 @@ def _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1: tl.constexpr
 @triton.jit
 def _first_layer_chunk(k, q, u_row, wkd_ptr, wp_ptr, act_ptr, offs_d, d_ok, start, H1: tl.constexpr,
                        HMAX: tl.constexpr, IEEE: tl.constexpr, HC: tl.constexpr):
-    """First-layer channels ``start .. start + HC``: ``(offs_h, h_ok, fold [DP, HC], z1 [BLOCK_T,
-    HC], p0, p1, p2, p3)``, ``z1 = u + k M_b`` on them and their activation parameters."""
+    """First-layer channels ``start .. start + HC``: their offsets and mask, the fold's columns
+    ``[DP, HC]``, ``z1 = u + k M_b`` on them ``[BLOCK_T, HC]`` and their activation parameters."""
     offs_h = start + tl.arange(0, HC)
     h_ok = offs_h < H1
     fold = _fold_chunk(q, wkd_ptr, wp_ptr, offs_d, d_ok, offs_h, h_ok, H1)

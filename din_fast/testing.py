@@ -51,11 +51,12 @@ def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.
     return (tol["atol"] + tol["rtol"] * magnitude) * scale
 
 
-def cancelling_sum_scale(num_terms: int) -> float:
+def cancelling_sum_scale(num_terms: int, term_magnitude: float = 1.0) -> float:
     """``assert_close``'s ``scale`` for a tensor whose exact value is a sum of ``num_terms`` terms
     that cancel to 0 (under softmax, the score bias's gradient): the reference then gives no
-    magnitude for the rounding, which grows with the square root of the number of terms."""
-    return max(1, num_terms) ** 0.5
+    magnitude for the rounding, which grows with the square root of the number of terms and with
+    the size of the terms (``term_magnitude``, the largest, where above 1)."""
+    return max(1, num_terms) ** 0.5 * max(1.0, term_magnitude)
 
 
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:

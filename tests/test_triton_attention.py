@@ -127,8 +127,11 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         scale = grad_scale
         if normalization == "softmax" and name == f"biases[{n - 1}]":
-            # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions.
-            scale *= cancelling_sum_scale(valid)
+            # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions
+            # of softmax_scale * w_t * (dL/dw_t - delta_b), with dL/dw_t = g_b . k_t + dL/dweights_t:
+            # terms that grow with D.
+            upstream = torch.einsum("bd,btd->bt", grad_pooled.double(), keys.detach().double()) + grad_attn.double()
+            scale *= cancelling_sum_scale(valid, softmax_scale * upstream.abs().max().item())
         assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
