@@ -51,12 +51,18 @@ def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.
     return (tol["atol"] + tol["rtol"] * magnitude) * scale
 
 
-def cancelling_sum_scale(num_terms: int, term_magnitude: float = 1.0) -> float:
-    """``assert_close``'s ``scale`` for a tensor whose exact value is a sum of ``num_terms`` terms
-    that cancel to 0 (under softmax, the score bias's gradient): the reference then gives no
-    magnitude for the rounding, which grows with the square root of the number of terms and with
-    the size of the terms (``term_magnitude``, the largest, where above 1)."""
-    return max(1, num_terms) ** 0.5 * max(1.0, term_magnitude)
+def softmax_score_bias_scale(num_valid: int, grad_pooled: torch.Tensor, keys: torch.Tensor,
+                             grad_weights: Optional[torch.Tensor] = None, softmax_scale: float = 1.0) -> float:
+    """``assert_close``'s ``scale`` for the score layer's bias gradient under softmax, exactly 0:
+    a sum over the ``num_valid`` valid positions of ``softmax_scale * w_t * (dL/dw_t - delta_b)``,
+    with ``dL/dw_t = g_b . k_t + dL/dweights_t`` (grad_pooled ``[B, D]``, keys ``[B, T, D]``,
+    grad_weights ``[B, T]`` or None). The reference then gives no magnitude for the rounding,
+    which grows with the square root of the number of terms and with their size (the largest,
+    where above 1), which grows with D."""
+    upstream = torch.einsum("bd,btd->bt", grad_pooled.detach().double(), keys.detach().double())
+    if grad_weights is not None:
+        upstream = upstream + grad_weights.detach().double()
+    return max(1, num_valid) ** 0.5 * max(1.0, softmax_scale * upstream.abs().max().item())
 
 
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -203,7 +203,7 @@ def test_chunked_candidate_matches_the_reference(activation, normalization, bloc
     pytest.importorskip("triton")
     from benchmarks import attention_chunked
     from din_fast import reference
-    from din_fast.testing import assert_close, cancelling_sum_scale, nan_filled_allocations
+    from din_fast.testing import assert_close, nan_filled_allocations, softmax_score_bias_scale
     query, keys, grad_pooled, weights, biases, prelu, lengths = _chunked_case(activation)
     options = dict(activation=activation, act_params=prelu, normalization=normalization, softmax_scale=0.7)
     with nan_filled_allocations():
@@ -225,10 +225,7 @@ def test_chunked_candidate_matches_the_reference(activation, normalization, bloc
     names = ["pooled", "query", "keys"] + [f"weights[{i}]" for i in range(layers)] + \
         [f"biases[{i}]" for i in range(layers)] + [f"prelu[{i}]" for i in range(len(prelu))]
     assert len(got) == len(expected) == len(names)
-    # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions of terms
-    # 0.7 * w_t * (g_b . k_t - delta_b).
-    upstream = torch.einsum("bd,btd->bt", grad_pooled, keys).abs().max().item()
-    cancelling = cancelling_sum_scale(int(lengths.sum()), 0.7 * upstream)
+    cancelling = softmax_score_bias_scale(int(lengths.sum()), grad_pooled, keys, softmax_scale=0.7)
     for name, actual, want in zip(names, got, expected):
         assert actual.shape == want.shape, name
         scale = cancelling if normalization == "softmax" and name == f"biases[{layers - 1}]" else 1.0

@@ -9,8 +9,8 @@ import torch
 
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
-from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, cancelling_sum_scale, nan_filled,
-                              nan_filled_allocations)
+from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, nan_filled, nan_filled_allocations,
+                              softmax_score_bias_scale)
 
 triton = pytest.importorskip("triton")
 
@@ -127,11 +127,7 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         scale = grad_scale
         if normalization == "softmax" and name == f"biases[{n - 1}]":
-            # Softmax makes the score bias's gradient exactly 0, a sum over the valid positions
-            # of softmax_scale * w_t * (dL/dw_t - delta_b), with dL/dw_t = g_b . k_t + dL/dweights_t:
-            # terms that grow with D.
-            upstream = torch.einsum("bd,btd->bt", grad_pooled.double(), keys.detach().double()) + grad_attn.double()
-            scale *= cancelling_sum_scale(valid, softmax_scale * upstream.abs().max().item())
+            scale *= softmax_score_bias_scale(valid, grad_pooled, keys, grad_attn, softmax_scale)
         assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
