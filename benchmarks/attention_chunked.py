@@ -331,15 +331,15 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     upstream gradient ``grad_pooled`` ``[B, D]`` (none for the weights): the forward above, then
     ``_chunked_bwd_kernel`` on ``programs`` persistent programs."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
-    pooled, attn, row_max, row_sum = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
-                                              block_t, h_chunk, num_warps, None)
+    pooled, _, row_max, row_sum = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
+                                           block_t, h_chunk, num_warps, None)
     batch, seq_len, dim = keys.shape
     (h1, h2), device = mlp.hidden, keys.device
     programs = max(1, min(programs, batch))
     grad_pooled = grad_pooled.float().contiguous()
+    # No upstream gradient for the weights: zeros, and delta_b = g_b . pooled_b alone.
     grad_attn = torch.zeros(batch, seq_len, dtype=torch.float32, device=device)
-    delta = ((grad_pooled * pooled.float()).sum(-1) + (grad_attn * attn.float()).sum(-1)
-             if normalization == "softmax" else mlp.dummy)
+    delta = (grad_pooled * pooled.float()).sum(-1) if normalization == "softmax" else mlp.dummy
 
     def zeros(*shape):
         return torch.zeros(*shape, dtype=torch.float32, device=device)
