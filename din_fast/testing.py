@@ -51,18 +51,22 @@ def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.
     return (tol["atol"] + tol["rtol"] * magnitude) * scale
 
 
-def softmax_score_bias_scale(num_valid: int, grad_pooled: torch.Tensor, keys: torch.Tensor,
-                             grad_weights: Optional[torch.Tensor] = None, softmax_scale: float = 1.0) -> float:
-    """``assert_close``'s ``scale`` for the score layer's bias gradient under softmax, exactly 0:
-    a sum over the ``num_valid`` valid positions of ``softmax_scale * w_t * (dL/dw_t - delta_b)``,
-    with ``dL/dw_t = g_b . k_t + dL/dweights_t`` (grad_pooled ``[B, D]``, keys ``[B, T, D]``,
-    grad_weights ``[B, T]`` or None). The reference then gives no magnitude for the rounding,
-    which grows with the square root of the number of terms and with their size (the largest,
-    where above 1), which grows with D."""
+def score_bias_scale(num_valid: int, grad_pooled: torch.Tensor, keys: torch.Tensor,
+                     grad_weights: Optional[torch.Tensor] = None, normalization: str = "none",
+                     softmax_scale: float = 1.0) -> float:
+    """``assert_close``'s ``scale`` for the score layer's bias gradient, one element: a sum over
+    the ``num_valid`` valid positions of the scores' gradients, ``u_t = g_b . k_t + dL/dw_t``
+    under ``normalization="none"`` and ``softmax_scale * w_t * (u_t - delta_b)`` under softmax
+    (grad_pooled ``[B, D]``, keys ``[B, T, D]``, grad_weights ``[B, T]`` or None). The sum can
+    be small by chance, and under softmax it is exactly 0, so the reference value gives no
+    magnitude for the rounding, which grows with the square root of the number of terms and
+    with their size (the largest, where above 1), which grows with D. A wrong gradient is off by
+    a term's size, still far above the bound."""
     upstream = torch.einsum("bd,btd->bt", grad_pooled.detach().double(), keys.detach().double())
     if grad_weights is not None:
         upstream = upstream + grad_weights.detach().double()
-    return max(1, num_valid) ** 0.5 * max(1.0, softmax_scale * upstream.abs().max().item())
+    term_scale = softmax_scale if normalization == "softmax" else 1.0
+    return max(1, num_valid) ** 0.5 * max(1.0, term_scale * upstream.abs().max().item())
 
 
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:

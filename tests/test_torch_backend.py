@@ -7,7 +7,7 @@ from din_fast import functional as F
 from din_fast import reference as R
 from din_fast import torch_ops
 from din_fast.testing import (assert_close, assert_padding_is_zero, float64_copies, nan_filled_allocations,
-                              random_attention_mlp)
+                              random_attention_mlp, score_bias_scale)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -62,17 +62,20 @@ def _detached_leaves(tensors):
     return type(tensors)(_detached_leaves(t) for t in tensors)
 
 
+def _cotangents(pooled, attn, dtype):
+    """Random upstream gradients of pooled and weights, the same on every call: rounded through
+    ``dtype``, so that the float64 reference gets the very same ones."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype).to(out.dtype)
+            for out in (pooled, attn)]
+
+
 def _run(fn, query, keys, weights, biases, act_params, dtype=None, **kwargs):
     pooled, attn = fn(query, keys, weights, biases, act_params=act_params, **kwargs)
-    # Random cotangents so that every output element's gradient path is exercised; rounded
-    # through the dtype under test (default: keys'), so that the float64 reference gets the
-    # very same ones.
-    gen = torch.Generator().manual_seed(1)
-
-    def cotangent(out):
-        return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype or keys.dtype).to(out.dtype)
-
-    loss = (pooled * cotangent(pooled)).sum() + (attn * cotangent(attn)).sum()
+    # Random cotangents so that every output element's gradient path is exercised (dtype:
+    # default keys').
+    grad_pooled, grad_attn = _cotangents(pooled, attn, dtype or keys.dtype)
+    loss = (pooled * grad_pooled).sum() + (attn * grad_attn).sum()
     leaves = [query, keys] + _leaves(weights, biases, act_params)
     grads = torch.autograd.grad(loss, leaves)
     return pooled, attn, grads
@@ -97,18 +100,25 @@ def test_attention_pooling_matches_reference(dtype, shape, activation, normaliza
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
                                            ref_act, dtype=query.dtype, **options)
-    _compare(dtype, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
     valid = torch.arange(keys.shape[1])[None, :] < lengths[:, None]
+    _compare(dtype, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act, keys, valid,
+             normalization, softmax_scale)
     # Statistics over all positions carry gradient to the padding keys, and the query's with them.
     through_statistics = activation == "dice" and training and dice_stats == "all"
     assert_padding_is_zero(valid, pooled, attn, *((None, None) if through_statistics else grads[:2]))
 
 
-def _compare(dtype, results, ref_results, act_params, ref_act):
-    """pooled, weights, every gradient and the running statistics against the reference's."""
+def _compare(dtype, results, ref_results, act_params, ref_act, keys, valid, normalization="none",
+             softmax_scale=1.0):
+    """pooled, weights, every gradient and the running statistics against the reference's
+    (``valid``: bool ``[B, T]``, the positions counted; the other options as given to ``_run``)."""
+    grad_pooled, grad_attn = _cotangents(results[0], results[1], keys.dtype)
+    # grads: query, keys, the weights and the biases of len(act_params) + 1 layers, ...
+    score_bias = f"gradient {2 * len(act_params) + 3}"
+    score_bias_bound = score_bias_scale(int(valid.sum()), grad_pooled, keys, grad_attn, normalization, softmax_scale)
     for name, got, want in zip(["pooled", "weights"] + [f"gradient {i}" for i in range(len(results) - 2)],
                                results, ref_results):
-        assert_close(got, want, dtype, name)
+        assert_close(got, want, dtype, name, scale=score_bias_bound if name == score_bias else 1.0)
     for layer, ref_layer in zip(act_params, ref_act):
         for stat, ref_stat in zip(layer[1:3], ref_layer[1:3]):
             assert_close(stat, ref_stat, dtype, "running statistic")
@@ -131,7 +141,7 @@ def test_attention_pooling_bool_mask_with_holes(dtype, valid_fraction, activatio
     ref_results = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases, ref_act, dtype=dtype,
                        **options)
     ref_results = (ref_results[0], ref_results[1], *ref_results[2])
-    _compare(dtype, (pooled, attn, *grads), ref_results, act_params, ref_act)
+    _compare(dtype, (pooled, attn, *grads), ref_results, act_params, ref_act, keys, mask, "softmax")
     assert_padding_is_zero(mask, pooled, attn, *grads[:2])
 
 
@@ -145,7 +155,9 @@ def test_shared_prelu_slope():
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
                                            ref_act, dtype=query.dtype, **options)
-    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
+    valid = torch.arange(keys.shape[1])[None, :] < lengths[:, None]
+    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act, keys,
+             valid, options["normalization"])
 
 
 @pytest.mark.parametrize("dice_stats", ["valid", "all"])
@@ -160,7 +172,9 @@ def test_dice_training_statistics_of_a_large_batch(dice_stats):
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
     ref_pooled, ref_attn, ref_grads = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases,
                                            ref_act, dtype=query.dtype, **options)
-    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act)
+    valid = torch.arange(keys.shape[1])[None, :] < lengths[:, None]
+    _compare(torch.float32, (pooled, attn, *grads), (ref_pooled, ref_attn, *ref_grads), act_params, ref_act, keys,
+             valid, options["normalization"])
 
 
 @pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("dice", False)])

@@ -10,7 +10,7 @@ import torch
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
 from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, nan_filled, nan_filled_allocations,
-                              softmax_score_bias_scale)
+                              score_bias_scale)
 
 triton = pytest.importorskip("triton")
 
@@ -126,8 +126,8 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         scale = grad_scale
-        if normalization == "softmax" and name == f"biases[{n - 1}]":
-            scale *= softmax_score_bias_scale(valid, grad_pooled, keys, grad_attn, softmax_scale)
+        if name == f"biases[{n - 1}]":
+            scale *= score_bias_scale(valid, grad_pooled, keys, grad_attn, normalization, softmax_scale)
         assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
