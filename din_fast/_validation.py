@@ -7,6 +7,7 @@ bad input never reaches a kernel.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -77,6 +78,8 @@ def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float
     if value != value or (value < 0 if allow_zero else value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 

@@ -435,6 +435,7 @@ def _bad_step_cases():
         (case(grad="float64"), TypeError, "grad(_rows)? must have weight's dtype"),
         (case(lr=-1.0), ValueError, "lr must be >= 0"),
         (case(lam=-1.0), ValueError, "lam must be >= 0"),
+        (case(lr=float("inf")), ValueError, "lr must be finite"),
         (case(padding_idx=9), ValueError, "padding_idx must lie in"),
     ]
 

@@ -7,6 +7,7 @@ from torch import nn
 import din_fast
 from din_fast import backend as B
 from din_fast import functional as F
+from din_fast.testing import random_attention_mlp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +249,12 @@ def test_attention_bad_mask_and_options():
         din_fast.AttentionPooling(4, dice_stats="none")
     with pytest.raises(ValueError, match="hidden_units"):
         din_fast.AttentionPooling(4, hidden_units=(8, 0))
+    # An infinite score scale would turn every softmax weight into NaN.
+    with pytest.raises(ValueError, match="softmax_scale must be finite, got inf"):
+        din_fast.AttentionPooling(4, normalization="softmax", softmax_scale=float("inf"))
+    weights, biases, _ = random_attention_mlp(4, (3,), "sigmoid")
+    with pytest.raises(ValueError, match="softmax_scale must be finite, got inf"):
+        F.attention_pooling(query, keys, weights, biases, normalization="softmax", softmax_scale=float("inf"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
