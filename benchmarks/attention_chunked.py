@@ -84,15 +84,15 @@ def _second_layer_input(k, q, u_row, wkd_ptr, wp_ptr, w2_ptr, b2, act_ptr, offs_
 
 @triton.jit
 def _chunked_fwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_ptr, wo_ptr, bo_ptr, act_ptr,
-                        span_ptr, pooled_ptr, weights_ptr, logits_ptr, row_max_ptr, row_sum_ptr,
+                        span_ptr, pooled_ptr, weights_ptr, logits_ptr,
                         T, stride_qb, stride_kb, stride_kt, softmax_scale,
                         D: tl.constexpr, DP: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, H2P: tl.constexpr,
                         HMAX: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_T: tl.constexpr, HC: tl.constexpr):
     """One program per sample. query ``[B, D]``, keys ``[B, T, D]`` (unit last stride), u
     ``[B, H1]`` fp32, ``(Wk - Wd)^T`` and ``Wp^T`` fp32 ``[D, H1]``, W2 fp32 ``[H2, H1]``, span
-    ``[B]`` int32. Writes pooled ``[B, D]`` and weights ``[B, T]``; for softmax also fp32 logits
-    ``[B, T]`` (scratch) and the row max and denominator ``[B]``."""
+    ``[B]`` int32. Writes pooled ``[B, D]`` and weights ``[B, T]`` (for softmax fp32, which the
+    backward reads), for softmax through fp32 logits ``[B, T]`` (scratch)."""
     sample = tl.program_id(0).to(tl.int64)
     span = tl.load(span_ptr + sample)
     offs_d = tl.arange(0, DP)
@@ -135,8 +135,6 @@ def _chunked_fwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
     if NORM == 1:
         denom = tl.where(row_sum > 0, row_sum, 1.0)
         acc = acc / denom
-        tl.store(row_max_ptr + sample, row_max)
-        tl.store(row_sum_ptr + sample, row_sum)
         # The logits were written by other threads of this program.
         tl.debug_barrier()
         for tile in range(0, num_tiles):
@@ -150,7 +148,7 @@ def _chunked_fwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
 
 @triton.jit
 def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_ptr, wo_ptr, bo_ptr, act_ptr,
-                        span_ptr, grad_pooled_ptr, grad_weights_ptr, row_max_ptr, row_sum_ptr, delta_ptr,
+                        span_ptr, grad_pooled_ptr, grad_weights_ptr, weights_ptr, delta_ptr,
                         grad_keys_ptr, grad_u_ptr, grad_query_ptr, part_kd_ptr, part_pq_ptr, part_w2_ptr,
                         part_b2_ptr, part_wo_ptr, part_bo_ptr, part_act_ptr,
                         B, T, stride_qb, stride_kb, stride_kt, stride_gkb, stride_gkt, softmax_scale,
@@ -162,8 +160,9 @@ def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
     weight matrices' sums and the query's share (each pass alone keeps fewer tiles live).
 
     Inputs as in the forward, plus grad_pooled ``[B, D]`` fp32, grad_weights ``[B, T]`` fp32,
-    and for softmax the forward's row max and denominator and ``delta_b = sum_t w_t dL/dw_t``
-    ``[B]`` fp32. PASS 1 writes grad_keys ``[B, T, D]`` (zero past each sample's span) and adds
+    and for softmax the forward's fp32 weights ``[B, T]`` and ``delta_b = sum_t w_t dL/dw_t``
+    ``[B]`` fp32: the weights are read, not recomputed, so that the backward differentiates the
+    very weights the forward pooled with (a sample with one valid position gets w = 1 exactly). PASS 1 writes grad_keys ``[B, T, D]`` (zero past each sample's span) and adds
     into zeroed fp32 buffers grad_u ``[B, H1]`` (``sum_t dz1``) and this program's partials of
     b2 and the score weight ``[P, H2]``, the score bias ``[P]``, the PReLU weights
     ``[P, 2, HMAX]``; PASS 2 adds into grad_query ``[B, D]`` (the query's share through ``Wp``)
@@ -183,9 +182,6 @@ def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
         q = tl.load(query_ptr + sample * stride_qb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         g = tl.load(grad_pooled_ptr + sample * D + offs_d, mask=d_ok, other=0.0)
         if NORM == 1:
-            row_max = tl.load(row_max_ptr + sample)
-            row_sum = tl.load(row_sum_ptr + sample)
-            denom = tl.where(row_sum > 0, row_sum, 1.0)
             delta = tl.load(delta_ptr + sample)
         u_row = u_ptr + sample * H1
         num_tiles = tl.cdiv(span, BLOCK_T)
@@ -201,15 +197,14 @@ def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
             z2 = _second_layer_input(k, q, u_row, wkd_ptr, wp_ptr, w2_ptr, b2, act_ptr, offs_d, d_ok, H1, H2, H2P,
                                      HMAX, ACT, IEEE, HC)
             h2 = _activation(z2, c0, c1, c2, c3, ACT)
-            score = tl.sum(h2 * wo[None, :], axis=1) + tl.load(bo_ptr)
             # dL/dw_t = g . k_t + dL/dweights_t, through the normalization to the score.
             grad_w = tl.sum(k * g[None, :], axis=1) + tl.load(grad_weights_ptr + sample * T + offs_t, mask=in_span,
                                                               other=0.0)
             if NORM == 0:
-                w = tl.where(in_span, score, 0.0)
+                w = tl.where(in_span, tl.sum(h2 * wo[None, :], axis=1) + tl.load(bo_ptr), 0.0)
                 grad_score = tl.where(in_span, grad_w, 0.0)
             else:
-                w = tl.where(in_span, tl.exp(score * softmax_scale - row_max) / denom, 0.0)
+                w = tl.load(weights_ptr + sample * T + offs_t, mask=in_span, other=0.0)
                 grad_score = softmax_scale * w * (grad_w - delta)
             grad_z2, grad_c0 = _activation_backward(z2, grad_score[:, None] * wo[None, :], c0, c1, c2, c3, ACT)[:2]
             if PASS == 1:
@@ -284,25 +279,23 @@ def _constexprs(mlp: FoldedMLP, activation: str, normalization: str, dtype: torc
 
 def _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk, num_warps,
              max_registers):
-    """``(pooled [B, D], weights [B, T], row max [B], row sum [B])``, the first two in ``output_dtype``."""
+    """``(pooled [B, D], weights [B, T])`` in ``output_dtype``."""
     batch, seq_len, dim = keys.shape
     device = keys.device
     out_dtype = output_dtype(keys.dtype, normalization)
     pooled = torch.empty(batch, dim, dtype=out_dtype, device=device)
     attn = torch.empty(batch, seq_len, dtype=out_dtype, device=device)
-    row_max = torch.empty(batch, dtype=torch.float32, device=device)
-    row_sum = torch.empty(batch, dtype=torch.float32, device=device)
     if batch == 0:
-        return pooled, attn, row_max, row_sum
+        return pooled, attn
     logits = (torch.empty(batch, seq_len, dtype=torch.float32, device=device) if normalization == "softmax"
               else mlp.dummy)
     w2, b2, _, _ = mlp.layer_pointers()
     _chunked_fwd_kernel[(batch,)](
         query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, mlp.score_weight, mlp.score_bias, mlp.act_packed, span,
-        pooled, attn, logits, row_max, row_sum, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
+        pooled, attn, logits, seq_len, query.stride(0), keys.stride(0), keys.stride(1),
         float(softmax_scale), **_constexprs(mlp, activation, normalization, keys.dtype, block_t, h_chunk),
         num_warps=num_warps, maxnreg=max_registers)
-    return pooled, attn, row_max, row_sum
+    return pooled, attn
 
 
 def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -317,7 +310,7 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence
     limit ``max_registers`` trades spills for programs per multiprocessor."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
     return _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk,
-                    num_warps, max_registers)[:2]
+                    num_warps, max_registers)
 
 
 def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -331,7 +324,7 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     upstream gradient ``grad_pooled`` ``[B, D]`` (none for the weights): the forward above, then
     ``_chunked_bwd_kernel`` on ``programs`` persistent programs."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
-    pooled, _, row_max, row_sum = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
+    pooled, attn = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
                                            block_t, h_chunk, num_warps, None)
     batch, seq_len, dim = keys.shape
     (h1, h2), device = mlp.hidden, keys.device
@@ -353,7 +346,7 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
         for backward_pass in (1, 2):
             _chunked_bwd_kernel[(programs,)](
                 query, keys, u, mlp.key_fold, mlp.prod_fold, w2, b2, mlp.score_weight, mlp.score_bias,
-                mlp.act_packed, span, grad_pooled, grad_attn, row_max, row_sum, delta, grad_keys, grad_u,
+                mlp.act_packed, span, grad_pooled, grad_attn, attn, delta, grad_keys, grad_u,
                 grad_query_part, part_kd, part_pq, part_w2, part_b2, part_wo, part_bo, part_act, batch, seq_len,
                 query.stride(0), keys.stride(0), keys.stride(1), grad_keys.stride(0), grad_keys.stride(1),
                 float(softmax_scale),
