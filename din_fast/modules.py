@@ -215,7 +215,7 @@ class MBARegularizer(nn.Module):
 
     Args:
         counts: ``[K]`` feature frequencies ``n_j >= 1``, any integer or floating dtype (kept
-            as a buffer).
+            as a buffer that follows the module's device but keeps its dtype).
         lam: strength ``lambda >= 0``.
         backend: see ``din_fast.backend``.
     """
@@ -233,6 +233,14 @@ class MBARegularizer(nn.Module):
         return functional.mba_penalty(weight, ids, self.counts, self.lam, backend=self.backend)
 
     forward = penalty
+
+    def _apply(self, fn, recurse=True):
+        # Counts follow the module's device, never its dtype: ``model.half()`` would turn
+        # n_j = 70000 into inf (no regularization) and bfloat16 n_j = 257 into 256.
+        counts = self.counts
+        super()._apply(fn, recurse)
+        self.counts = counts.to(self.counts.device)
+        return self
 
     def extra_repr(self) -> str:
         return f"num_rows={self.counts.shape[0]}, lam={self.lam}, backend={self.backend!r}"

@@ -63,9 +63,6 @@ def _check_scalars(lam, lr) -> Tuple[float, float]:
     lam = V.check_positive_float("lam", lam, allow_zero=True)
     # lr = 0 is a step that changes nothing, as torch.optim.SGD takes it (warm-up schedules start there).
     lr = V.check_positive_float("lr", lr, allow_zero=True)
-    for name, value in (("lam", lam), ("lr", lr)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
     return lam, lr
 
 
@@ -320,14 +317,38 @@ def _param_groups(params) -> List[dict]:
     if not params or not isinstance(params[0], dict):
         return [{"params": params}] if params else []
     groups = []
-    for i, group in enumerate(params):
-        unknown = sorted(set(group) - _GROUP_OPTIONS)
-        if unknown:
-            raise ValueError(f"param group {i} has options MBASGD does not take: {unknown} (it takes lr and lam)")
+    for group in params:
         group = dict(group)
         group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
         groups.append(group)
     return groups
+
+
+def _tensor(param) -> Tensor:
+    """A parameter given plainly or as ``named_parameters()``'s ``(name, tensor)``."""
+    return param[1] if isinstance(param, tuple) else param
+
+
+def _check_group_values(group: dict, where: str) -> None:
+    try:
+        _check_scalars(group.get("lam", 0.0), group.get("lr", 0.0))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+
+
+def _check_gradient_within_rows(index: int, grad: Tensor, rows: Tensor) -> None:
+    """A dense gradient must be 0 off the rows the batch's recorded lookups used: step updates
+    only those rows, so any other gradient would be dropped without a word."""
+    if not V.values_checkable() or grad.shape[0] == 0:
+        return
+    outside = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    outside[rows] = False
+    stray = outside & (grad != 0).any(dim=1)
+    if bool(stray.any()):
+        raise ValueError(
+            f"embeddings[{index}] has a nonzero gradient on row {int(stray.nonzero()[0])}, which no recorded "
+            f"lookup of this batch used: the table is also used another way (a tied weight, or a module not "
+            f"given in embeddings: give every module that looks it up)")
 
 
 class MBASGD(torch.optim.Optimizer):
@@ -343,10 +364,13 @@ class MBASGD(torch.optim.Optimizer):
     * otherwise, the ids recorded since the last step or ``zero_grad``: an ``nn.Embedding`` or
       ``nn.EmbeddingBag`` passed in ``embeddings`` records its input by itself (a forward
       pre-hook, active while autograd is enabled); a bare weight used through
-      ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table with
-      a nonzero dense gradient and no recorded ids makes ``step`` raise; one whose gradient is
-      all zero is taken as unused by the batch (as after ``zero_grad(set_to_none=False)``) and
-      left alone, eq. 7's penalty included, whether or not the batch looked it up.
+      ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table
+      looked up by several modules is given once per module, with the same counts. A dense
+      gradient that is nonzero off the recorded rows (the table also used another way, as a
+      tied weight or through a module not given) makes ``step`` raise, as does one with no
+      recorded ids; a table whose gradient is all zero is taken as unused by the batch (as
+      after ``zero_grad(set_to_none=False)``) and left alone, eq. 7's penalty included, whether
+      or not the batch looked it up.
 
     Data parallel (``DistributedDataParallel``, which averages the gradients): the global
     mini-batch is the union of the ranks' batches, so each step unites the rows of every rank
@@ -355,9 +379,11 @@ class MBASGD(torch.optim.Optimizer):
     call ``step`` together.
 
     Args:
-        params: parameters or parameter groups, as for ``torch.optim.SGD``; group options
-            ``lr`` and ``lam`` override the defaults (any other option raises). Tables missing
-            from ``params`` are added as groups of their own.
+        params: parameters (plain or ``named_parameters()``) or parameter groups, as for
+            ``torch.optim.SGD``; group options ``lr`` and ``lam`` override the defaults (any
+            other option, or a bad value, raises, also in ``add_param_group`` and, before any
+            write, in ``step``). Tables missing from ``params`` are added as groups of their
+            own.
         lr: learning rate ``>= 0``.
         embeddings: ``(table, counts)`` pairs: table an ``nn.Embedding``, ``nn.EmbeddingBag`` or
             its ``[K, D]`` weight; counts ``[K]`` frequencies ``n_j >= 1`` on the table's device
@@ -376,13 +402,22 @@ class MBASGD(torch.optim.Optimizer):
         lam, lr = _check_scalars(lam, lr)
         V.check_choice("backend", backend, BACKENDS)
         tables = [_parse_embedding(i, entry, padding_idx) for i, entry in enumerate(embeddings)]
-        for i, (weight, *_) in enumerate(tables):
-            if any(weight is other for other, *_ in tables[:i]):
-                raise ValueError(f"embeddings[{i}] repeats a table given before")
+        for i, (weight, _, counts, pad) in enumerate(tables):
+            for other, _, other_counts, other_pad in tables[:i]:
+                # One table looked up by several modules: each records its ids.
+                if weight is other and (pad != other_pad or not (counts is other_counts or (
+                        counts.shape == other_counts.shape and bool(torch.equal(counts, other_counts))))):
+                    raise ValueError(f"embeddings[{i}] repeats a table given before with other counts or "
+                                     f"padding_idx")
         groups = _param_groups(params)
-        listed = {id(p) for group in groups for p in group["params"]}
-        # A table missing from params gets a group of its own (default lr and lam).
-        groups += [{"params": [weight]} for weight, *_ in tables if id(weight) not in listed]
+        named = any(isinstance(p, tuple) for group in groups for p in group["params"])
+        listed = {id(_tensor(p)) for group in groups for p in group["params"]}
+        # A table missing from params gets a group of its own (default lr and lam), named like
+        # the others where they are.
+        for i, (weight, *_) in enumerate(tables):
+            if id(weight) not in listed:
+                listed.add(id(weight))
+                groups.append({"params": [(f"embeddings[{i}]", weight) if named else weight]})
         super().__init__(groups, dict(lr=lr, lam=lam))
         self.backend = backend
         self.process_group = process_group
@@ -390,10 +425,19 @@ class MBASGD(torch.optim.Optimizer):
         self._hook_handles = []
         optimizer_ref = weakref.ref(self)
         for i, (weight, module, counts, pad) in enumerate(tables):
-            self._tables[weight] = _Table(i, counts, pad)
+            self._tables.setdefault(weight, _Table(i, counts, pad))
             if module is not None and not module.sparse:
                 self._hook_handles.append(
                     module.register_forward_pre_hook(_record_hook(optimizer_ref), with_kwargs=True))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer``'s; its options (``lr``, ``lam``) are checked."""
+        where = f"param group {len(getattr(self, 'param_groups', ()))}"
+        unknown = sorted(set(param_group) - _GROUP_OPTIONS)
+        if unknown:
+            raise ValueError(f"{where} has options MBASGD does not take: {unknown} (it takes lr and lam)")
+        _check_group_values(param_group, where)
+        super().add_param_group(param_group)
 
     def _table(self, table: EmbeddingTable) -> Tuple[Tensor, _Table]:
         weight = table.weight if isinstance(table, (nn.Embedding, nn.EmbeddingBag)) else table
@@ -459,7 +503,10 @@ class MBASGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            # Every table is checked before any parameter is written.
+            # Every group and table is checked before any parameter is written (a scheduler may
+            # have set a group's lr since the last step).
+            for i, group in enumerate(self.param_groups):
+                _check_group_values(group, f"param group {i}")
             tables = [(p, info, group) for group in self.param_groups for p in group["params"]
                       for info in [self._tables.get(p)] if info is not None and p.grad is not None]
             ids = [self._batch_ids(p, info) for p, info, _ in tables]
@@ -470,6 +517,9 @@ class MBASGD(torch.optim.Optimizer):
                 local = [p.grad._indices()[0] if table_ids is None else table_ids
                          for (p, _, _), table_ids in zip(tables, ids)]
                 ids = union_table_ids(local, [p.shape[0] for p, _, _ in tables], process_group)
+            for (p, info, _), table_ids in zip(tables, ids):
+                if not p.grad.is_sparse:
+                    _check_gradient_within_rows(info.index, p.grad, table_ids)
             updates = [self._plan_table(p, info, group, table_ids)
                        for (p, info, group), table_ids in zip(tables, ids)]
             for group in self.param_groups:

@@ -238,7 +238,9 @@ def mba_penalty(weight: Tensor, ids: Tensor, counts: Tensor, lam: float) -> Tens
     # In at least float32: float16 squares overflow, and n_j = 257 is 256 in bfloat16.
     compute = compute_dtype(weight.dtype)
     w = weight.to(compute)
-    per_row = (w * w).sum(dim=1) / counts.to(compute)
+    # Rows outside the batch divide by 1, not by their count, which only the batch's rows must
+    # have >= 1: a 0 there would make the masked-out term's gradient 0 / 0.
+    per_row = (w * w).sum(dim=1) / torch.where(present, counts.to(compute), 1.0)
     return (0.5 * lam * torch.where(present, per_row, torch.zeros_like(per_row)).sum()).to(weight.dtype)
 
 
@@ -248,6 +250,7 @@ def mba_sgd_step(weight: Tensor, grad: Tensor, ids: Tensor, counts: Tensor, *, l
     ``grad`` ``[K, D]`` is the gradient of the batch's mean loss (the ``1/|B_m| sum`` of eq. 7).
     Rows whose id is not in ``ids`` and whose gradient is 0 come back unchanged.
     """
-    present = batch_indicator(ids, weight.shape[0]).to(weight.dtype)
-    scale = lam * present / counts.to(weight.dtype)
+    present = batch_indicator(ids, weight.shape[0])
+    # Rows outside the batch get scale 0 whatever their count (only the batch's must be >= 1).
+    scale = torch.where(present, lam / counts.to(weight.dtype), 0.0)
     return weight - lr * (grad + scale[:, None] * weight)

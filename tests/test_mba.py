@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("on_kernel_device")
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-LAM, LR = 0.37, 0.11
+# lr * lam / n_j is 0.05 to 0.4 with the counts below: a step that dropped the regularization
+# would miss even the 16-bit bounds.
+LAM, LR = 3.7, 0.11
 
 
 def _table(num_rows, dim, dtype):
@@ -26,7 +28,7 @@ def _table(num_rows, dim, dtype):
 
 
 def _counts(num_rows):
-    return torch.randint(1, 60, (num_rows,))
+    return torch.randint(1, 9, (num_rows,))
 
 
 def _batch_ids(num_rows, shape, dtype=torch.int64):
@@ -513,13 +515,41 @@ def test_mbasgd_with_a_table_the_batch_left_unused(backend, sparse):
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_penalty_of_16_bit_tables_computes_in_float32(backend, dtype):
-    # |w| = 100 squared overflows float16; n_j = 257 is 256 in bfloat16.
-    weight = torch.full((4, 8), 100.0, dtype=dtype, requires_grad=True)
-    ids, counts = torch.tensor([1, 2]), torch.tensor([1, 257, 3, 1])
+    # Computed in the table's dtype, each would miss by far more than the bound: in float16,
+    # row 2's sum of squares (81,016) overflows and its n_j = 70000 is inf; in bfloat16, row 1's
+    # sum of 1024 squares of 1 stalls at 256 (257 is not a bfloat16).
+    weight = torch.ones(4, 1024, dtype=dtype)
+    weight[2, :8] = 100.0
+    weight.requires_grad_()
+    ids, counts = torch.tensor([1, 2]), torch.tensor([1, 3, 70000, 1])
     value = din_fast.mba_penalty(weight, ids, counts, LAM, backend=backend)
-    expected = R.mba_penalty(weight.detach().double(), ids, counts, LAM)
+    weight64 = weight.detach().double().requires_grad_()
+    expected = R.mba_penalty(weight64, ids, counts, LAM)
     assert value.dtype == dtype
     assert_close(value, expected, dtype, "penalty")
+    value.backward()
+    expected.backward()
+    assert_close(weight.grad, weight64.grad, dtype, "grad weight")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_counts_are_only_read_on_the_batch_rows(backend):
+    # counts must be >= 1 only where the batch looks: a 0 elsewhere (FeatureCounter's
+    # occurrences of an unseen id) changes neither the penalty nor its gradient, nor a step.
+    weight = _table(5, 3, torch.float32).requires_grad_()
+    ids, counts = torch.tensor([1, 3]), torch.tensor([0, 2, 0, 4, 0])
+    value = din_fast.mba_penalty(weight, ids, counts, LAM, backend=backend)
+    value.backward()
+    expected = LAM * weight.detach().double()[[1, 3]] / torch.tensor([[2.0], [4.0]], dtype=torch.float64)
+    assert_close(weight.grad[[1, 3]], expected, torch.float32, "grad on the batch rows")
+    assert torch.equal(weight.grad[[0, 2, 4]], torch.zeros(3, 3))
+    table = weight.detach().clone()
+    grad = torch.zeros_like(table)
+    grad[[1, 3]] = 1.0
+    stepped = (R.mba_sgd_step(table.double(), grad.double(), ids, counts, lam=LAM, lr=LR) if backend == "reference"
+               else mba_sgd_step_(table.clone(), grad, ids, counts, lam=LAM, lr=LR, backend=backend))
+    assert torch.isfinite(stepped).all()
+    assert torch.equal(stepped[[0, 2, 4]].to(table.dtype), table[[0, 2, 4]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -577,6 +607,108 @@ def test_optimizer_rejects_bad_tables_and_ids():
         optimizer.record_ids(embedding, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="one of the tables"):
         optimizer.record_ids(nn.Embedding(6, 3), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("option,value,error,message", [
+    ("lr", "0.1", TypeError, "param group 1: lr must be a float"),
+    ("lr", -1.0, ValueError, "param group 1: lr must be >= 0"),
+    ("lr", float("nan"), ValueError, "param group 1: lr must be >= 0"),
+    ("lam", float("inf"), ValueError, "param group 1: lam must be finite"),
+])
+def test_bad_group_options_raise_before_any_write(option, value, error, message):
+    # A group's lr or lam is checked where the group is given and again at each step, before
+    # any table or parameter is written (a schedule may set it in between).
+    embedding, head = nn.Embedding(6, 3), nn.Linear(3, 1)
+    with pytest.raises(error, match=message):
+        MBASGD([{"params": embedding.parameters()}, {"params": head.parameters(), option: value}], lr=LR,
+               embeddings=[(embedding, torch.ones(6))], lam=LAM)
+    optimizer = MBASGD([{"params": embedding.parameters()}], lr=LR, embeddings=[(embedding, torch.ones(6))], lam=LAM)
+    with pytest.raises(error, match=message):
+        optimizer.add_param_group({"params": head.parameters(), option: value})
+    with pytest.raises(ValueError, match=r"param group 1 has options MBASGD does not take: \['momentum'\]"):
+        optimizer.add_param_group({"params": head.parameters(), "momentum": 0.9})
+    optimizer.add_param_group({"params": head.parameters()})
+    optimizer.param_groups[1][option] = value
+    head(embedding(torch.tensor([1, 2]))).sum().backward()
+    before = [t.detach().clone() for t in (embedding.weight, head.weight, head.bias)]
+    with pytest.raises(error, match=message):
+        optimizer.step()
+    for t, old in zip((embedding.weight, head.weight, head.bias), before):
+        assert torch.equal(t.detach(), old)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_named_parameters_step_as_plain_ones(backend):
+    steps = []
+    for named in (False, True):
+        torch.manual_seed(0)
+        embedding, head = nn.Embedding(6, 3), nn.Linear(3, 1)
+        model = nn.ModuleDict(dict(embedding=embedding, head=head))
+        params = model.named_parameters() if named else model.parameters()
+        # The table left out of params gets a group of its own, named where the others are.
+        optimizer = MBASGD([p for p in params if (p[1] if named else p) is not embedding.weight], lr=LR,
+                           embeddings=[(embedding, _counts(6))], lam=LAM, backend=backend)
+        head(embedding(torch.tensor([1, 4, 4]))).sum().backward()
+        optimizer.step()
+        steps.append([embedding.weight.detach(), head.weight.detach(), head.bias.detach()])
+    for plain, named in zip(*steps):
+        assert torch.equal(plain, named)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_table_shared_by_two_modules(backend):
+    # Both modules record their lookups, so the rows either one used are stepped.
+    first = nn.Embedding(8, 3)
+    second = nn.Embedding(8, 3)
+    second.weight = first.weight
+    counts = _counts(8)
+    before = first.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"embeddings\[1\] repeats a table given before with other counts"):
+        MBASGD(first.parameters(), lr=LR, embeddings=[(first, counts), (second, counts + 1)], lam=LAM)
+    optimizer = MBASGD(first.parameters(), lr=LR, embeddings=[(first, counts), (second, counts)], lam=LAM,
+                       backend=backend)
+    (first(torch.tensor([1, 2])).sum() + 2 * second(torch.tensor([2, 5])).sum()).backward()
+    grad = first.weight.grad.clone()
+    optimizer.step()
+    expected = R.mba_sgd_step(before.double(), grad.double(), torch.tensor([1, 2, 5]), counts, lam=LAM, lr=LR)
+    assert_close(first.weight, expected, torch.float32, "shared table after step")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_off_the_recorded_rows_raises(backend):
+    # The table also serves as a tied output layer: its gradient reaches rows no lookup used,
+    # which an update of the looked-up rows alone would drop.
+    embedding = nn.Embedding(6, 3)
+    optimizer = MBASGD(embedding.parameters(), lr=LR, embeddings=[(embedding, torch.ones(6))], lam=LAM,
+                       backend=backend)
+    hidden = embedding(torch.tensor([1, 2])).sum(0)
+    (hidden @ embedding.weight.t()).sum().backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"embeddings\[0\] has a nonzero gradient on row 0, which no recorded"):
+        optimizer.step()
+    assert torch.equal(embedding.weight.detach(), before)
+
+
+def test_regularizer_counts_keep_their_dtype():
+    # n_j = 70000 is inf in float16 and 257 is 256 in bfloat16: the counts follow the module's
+    # device, not its dtype.
+    regularizer = din_fast.MBARegularizer(torch.tensor([1.0, 257.0, 70000.0]), LAM)
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()):
+        cast(regularizer)
+        assert regularizer.counts.dtype == torch.float32
+        assert regularizer.counts.tolist() == [1.0, 257.0, 70000.0]
+    regularizer.to("meta")
+    assert regularizer.counts.device.type == "meta" and regularizer.counts.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_of_zero_width(backend):
+    weight, ids = torch.zeros(4, 0), torch.tensor([1, 3, 1])
+    mba_sgd_fused_(weight, ids, torch.zeros(3, 0), torch.ones(4), lam=LAM, lr=LR, backend=backend)
+    sparse = torch.sparse_coo_tensor(ids[None], torch.zeros(3, 0), (4, 0))
+    mba_sgd_step_(weight, sparse, None, torch.ones(4), lam=LAM, lr=LR, backend=backend)
+    mba_sgd_step_(weight, sparse, ids, torch.ones(4), lam=LAM, lr=LR, backend=backend)
+    assert weight.shape == (4, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ def _segment_update_(weight: Tensor, rows: Tensor, grad_ids: Tensor, grad_values
     sorted_ids, order = torch.sort(grad_ids.reshape(-1).to(torch.int64))
     seg_start = torch.searchsorted(sorted_ids, rows)
     seg_end = torch.searchsorted(sorted_ids, rows, right=True)
-    return _k.mba_sgd_segment_(weight, _unit_stride(grad_values.reshape(-1, weight.shape[1])), order, seg_start,
+    # An explicit row count: with D = 0, reshape(-1, 0) cannot infer it.
+    grad_values = grad_values.reshape(grad_ids.numel(), weight.shape[1])
+    return _k.mba_sgd_segment_(weight, _unit_stride(grad_values), order, seg_start,
                                seg_end, rows, _row_counts(counts, rows, weight.dtype), lam, lr)
 
 
@@ -159,6 +161,6 @@ def mba_sgd_fused_(weight: Tensor, ids: Tensor, grad_rows: Tensor, counts: Tenso
     if padding_idx is not None:
         keep = rows != padding_idx
         rows, seg_start, seg_end = rows[keep], seg_start[keep], seg_end[keep]
-    _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(-1, weight.shape[1])), order, seg_start, seg_end,
+    _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(ids.numel(), weight.shape[1])), order, seg_start, seg_end,
                         rows, _row_counts(counts, rows, weight.dtype), lam, lr)
     return _written(weight)
