@@ -339,10 +339,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -389,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default on CPU: 1; a training step's ops are small, so extra "
                         "threads gain little and stall badly when the cores are shared)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--synthetic-users", type=_positive_int, default=10000, help="users of the synthetic data set")
     t.add_argument("--max-ratings", type=_positive_int, default=None,
                    help="MovieLens: read only the first N ratings")
@@ -413,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "model with Amazon's table sizes)")
     s.add_argument("--iterations", type=_positive_int, default=300)
     s.add_argument("--warmup", type=_positive_int, default=30)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_non_negative_int, default=0)
     s.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
     s.set_defaults(handler=serve_bench)
 

@@ -7,12 +7,13 @@ tensors or sequences. Ties in the scores count half, i.e. tied scores get their 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 
-def _as_array(name: str, values, dtype) -> np.ndarray:
+def _as_array(name: str, values, dtype: Optional[type]) -> np.ndarray:
+    """``values`` as a 1-D array of ``dtype`` (``None``: the dtype they come with)."""
     if hasattr(values, "detach"):
         values = values.detach()
         # numpy has no bfloat16; float64 holds every floating dtype exactly.
@@ -20,7 +21,7 @@ def _as_array(name: str, values, dtype) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
-    return array.astype(dtype, copy=False)
+    return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _labels(labels) -> np.ndarray:
@@ -28,6 +29,16 @@ def _labels(labels) -> np.ndarray:
     if not np.isin(array, (0.0, 1.0)).all():
         raise ValueError("labels must be 0 or 1")
     return array
+
+
+def _groups(groups) -> np.ndarray:
+    array = _as_array("groups", groups, None)
+    if array.dtype.kind == "f":
+        # A cast would truncate (ids 0.5 and 0.7 would become one user) or overflow past int64.
+        whole = (np.abs(array) < 2.0 ** 63) & (array == np.round(array))
+        if not whole.all():
+            raise ValueError(f"groups must be integers (e.g. user ids), got {array[~whole][0]}")
+    return array.astype(np.int64, copy=False)
 
 
 def _check_lengths(**arrays: np.ndarray) -> None:
@@ -40,7 +51,8 @@ def grouped_auc(labels, scores, groups) -> Tuple[np.ndarray, np.ndarray, np.ndar
     """AUC of each group, ties as average ranks.
 
     Args:
-        labels: ``[N]`` 0/1; scores: ``[N]`` floats; groups: ``[N]`` ints (e.g. user ids).
+        labels: ``[N]`` 0/1; scores: ``[N]`` floats; groups: ``[N]`` ints (e.g. user ids; floats must be
+            whole numbers).
 
     Returns:
         ``(group ids [G], impressions per group [G], AUC per group [G])``; the AUC is NaN for a
@@ -48,7 +60,7 @@ def grouped_auc(labels, scores, groups) -> Tuple[np.ndarray, np.ndarray, np.ndar
     """
     labels = _labels(labels)
     scores = _as_array("scores", scores, np.float64)
-    groups = _as_array("groups", groups, np.int64)
+    groups = _groups(groups)
     _check_lengths(labels=labels, scores=scores, groups=groups)
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
@@ -113,8 +125,13 @@ def rela_impr(auc_model: float, auc_base: float) -> float:
 def log_loss(labels, probabilities, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy of click ``probabilities`` (clipped to ``[eps, 1 - eps]``)."""
     labels = _labels(labels)
-    probabilities = np.clip(_as_array("probabilities", probabilities, np.float64), eps, 1.0 - eps)
+    probabilities = _as_array("probabilities", probabilities, np.float64)
     _check_lengths(labels=labels, probabilities=probabilities)
+    # Clipping would keep NaN, and turn infinities or values outside [0, 1] into a plausible loss.
+    valid = (probabilities >= 0.0) & (probabilities <= 1.0)
+    if not valid.all():
+        raise ValueError(f"probabilities must be in [0, 1], got {probabilities[~valid][0]}")
+    probabilities = np.clip(probabilities, eps, 1.0 - eps)
     if labels.size == 0:
         raise ValueError("log_loss needs at least one sample")
     return float(-(labels * np.log(probabilities) + (1 - labels) * np.log1p(-probabilities)).mean())

@@ -116,6 +116,20 @@ def test_bad_arguments_and_empty_splits_are_readable_errors(tmp_path, capsys):
     assert "the test split of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments, error", [
+    (["train", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["serve-bench", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["train", "--mba", "inf"], "--mba: must be a finite number >= 0, got inf"),
+    (["train", "--mba", "nan"], "--mba: must be a finite number >= 0, got nan"),
+    (["train", "--l2", "inf"], "--l2: must be a finite number >= 0, got inf"),
+    (["train", "--l2", "-0.1"], "--l2: must be a finite number >= 0, got -0.1"),
+], ids=["train-seed", "serve-bench-seed", "mba-inf", "mba-nan", "l2-inf", "l2-negative"])
+def test_out_of_range_numbers_are_argument_errors(arguments, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2 and error in capsys.readouterr().err
+
+
 def test_serve_bench_replaces_a_checkpoints_backend(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(run), "--no-plots", "--backend", "reference"]) == 0

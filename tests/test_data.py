@@ -3,6 +3,7 @@
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -166,6 +167,27 @@ def test_amazon_malformed_line_names_file_and_line(tmp_path):
         load_amazon(tmp_path)
 
 
+@pytest.mark.parametrize("file_name, line, message", [
+    ("reviews_Electronics_5.json", '{"reviewerID": "U1", "asin": "B02", "unixReviewTime": Infinity}',
+     "unixReviewTime must be an integer"),
+    ("reviews_Electronics_5.json", '{"reviewerID": "U1", "asin": "B02", "unixReviewTime": 100000000000000000000}',
+     "unixReviewTime must be an integer"),
+    ("meta_Electronics.json", '{"asin": ["B02"], "categories": []}', "asin must be a string"),
+    ("meta_Electronics.json", '{"asin": "B02", "categories": "Electronics"}',
+     "categories must be a list of category paths"),
+    ("meta_Electronics.json", '{"asin": "B02", "categories": ["Electronics"]}',
+     "categories must be a list of category paths"),
+], ids=["time-infinity", "time-beyond-64-bits", "asin-list", "categories-string", "categories-list-of-strings"])
+def test_amazon_bad_field_names_file_line_and_field(tmp_path, file_name, line, message):
+    _write_amazon(tmp_path)
+    path = tmp_path / file_name
+    lines = path.read_text().splitlines()
+    lines[1] = line
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=re.escape(f"{file_name}:2: {message}")):
+        load_amazon(tmp_path)
+
+
 def test_amazon_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="reviews_Electronics_5.json, meta_Electronics.json") as error:
         load_amazon(tmp_path)
@@ -244,12 +266,38 @@ def test_movielens_malformed_line_names_file_and_line(tmp_path):
         with pytest.raises(DataFileError, match=r"ratings\.csv:5: userId, movieId and timestamp must be integers"):
             load_movielens(tmp_path)
 
+    # Blank lines count: the bad line is the file's line 7.
+    lines = path.read_text().splitlines()
+    lines[2:2] = ["", ""]
+    lines[6] = "1,40,four,300"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"ratings\.csv:7: "):
+        load_movielens(tmp_path)
+
     _write_movielens(tmp_path)
     movies = tmp_path / "movies.csv"
     lines = movies.read_text().splitlines()
     lines[2] = "x20,Heat,Action"
     movies.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=r"movies\.csv:3: movieId must be an integer"):
+        load_movielens(tmp_path)
+
+
+def test_movielens_ids_beyond_32_bits_stay_apart(tmp_path):
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n3000000000,1,4.0,10\n3000000000,2,4.0,11\n"
+                                          "3000000001,1,4.0,12\n3000000001,4294967298,2.0,13\n")
+    (tmp_path / "movies.csv").write_text("movieId,title,genres\n1,A,Drama\n2,B,Comedy\n4294967298,C,Action\n")
+    data = load_movielens(tmp_path, test_user_fraction=0.5)
+    # Two users (two clicks, then one) and three movies.
+    assert data.sequence_offsets.tolist() == [0, 2, 3] and data.sequence_items.tolist() == [1, 2, 1]
+    assert data.vocabulary.item_rows == 4
+    assert data.item_categories[1:].tolist() == [4, 3, 2]  # (unknown), Action, Comedy, Drama -> 1..4
+    # Beyond 2**53, float64 (the parser's type) cannot hold every integer: such ids are refused.
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n9007199254740993,1,4.0,11\n")
+    with pytest.raises(DataFileError, match=r"ratings\.csv:3: userId, movieId and timestamp must be integers"):
+        load_movielens(tmp_path)
+    (tmp_path / "movies.csv").write_text("movieId,title,genres\n1,A,Drama\n9007199254740993,B,Comedy\n")
+    with pytest.raises(DataFileError, match=r"movies\.csv:3: movieId must be of magnitude < 2\*\*53"):
         load_movielens(tmp_path)
 
 

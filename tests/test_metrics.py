@@ -1,5 +1,7 @@
 """AUC, GAUC, RelaImpr and log loss against hand-computed values and scikit-learn."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,23 @@ def test_bad_input():
         auc([1, 0], [float("nan"), 0.3])
     with pytest.raises(ValueError, match="auc_base"):
         rela_impr(0.6, 0.5)
+
+
+def test_log_loss_rejects_non_probabilities():
+    for bad in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(ValueError, match=re.escape(f"probabilities must be in [0, 1], got {bad}")):
+            log_loss([0, 1], [bad, 1.0])
+
+
+def test_gauc_groups_must_be_whole_numbers():
+    # Whole-valued float ids are the same users as their integers.
+    labels, scores = [0, 1, 0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2, 0.6, 0.4]
+    assert gauc(labels, scores, [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]) == gauc(labels, scores, [1, 1, 2, 2, 3, 3])
+    for bad in (0.7, float("nan"), float("inf"), 2.0 ** 63):
+        with pytest.raises(ValueError, match=re.escape(f"groups must be integers (e.g. user ids), got {bad}")):
+            gauc([0, 1], [0.1, 0.2], [bad, bad])
+    with pytest.raises(ValueError, match="groups must be integers"):
+        grouped_auc([0, 1], [0.1, 0.2], torch.tensor([0.5, 0.5]))
 
 
 def test_metrics_take_16_bit_tensors():

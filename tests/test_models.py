@@ -25,20 +25,35 @@ def _batch(data, size=16, max_length=50):
     return make_batch(data, data.train, np.arange(size), max_length)
 
 
+def _with_random_padding(batch, vocabulary, extra_columns, seed=0):
+    """``batch`` with ``extra_columns`` more history columns and every padded position holding
+    a random valid (non-zero) id: the padding row of an embedding is all zeros, so padding with
+    id 0 cannot tell a model that reads ``lengths`` from one that pools every column."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, width = batch.history_items.shape[0], batch.history_items.shape[1] + extra_columns
+    padding = torch.arange(width)[None, :] >= batch.lengths[:, None]
+    for name, table_rows in (("history_items", vocabulary.item_rows), ("history_categories", vocabulary.category_rows)):
+        history = torch.cat([getattr(batch, name), torch.zeros(rows, extra_columns, dtype=torch.int64)], dim=1)
+        noise = torch.randint(1, table_rows, (rows, width), generator=generator)
+        setattr(batch, name, torch.where(padding, noise, history))
+    return batch
+
+
 @pytest.mark.parametrize("model_class", [DIN, BaseModel])
 @pytest.mark.parametrize("dice", [False, True])
 def test_forward_shapes_and_padding_invariance(model_class, dice):
     data = make_synthetic(**SMALL, seed=0)
     model = model_class(data.vocabulary, mlp_activation="dice" if dice else "prelu").eval()
     batch = _batch(data)
+    assert len(set(batch.lengths.tolist())) > 1  # rows of different lengths: most rows hold padding
     logits = model(batch)
     assert logits.shape == (16,) and torch.isfinite(logits).all()
-    # Extra padding columns change nothing.
-    padded = _batch(data)
-    extra = torch.zeros(16, 5, dtype=torch.int64)
-    padded.history_items = torch.cat([padded.history_items, extra], dim=1)
-    padded.history_categories = torch.cat([padded.history_categories, extra], dim=1)
-    torch.testing.assert_close(model(padded), logits, rtol=1e-5, atol=1e-6)
+    # Each sample alone is a batch without padding.
+    unpadded = torch.cat([model(make_batch(data, data.train, np.array([row]), 50)) for row in range(16)])
+    torch.testing.assert_close(logits, unpadded, rtol=1e-5, atol=1e-6)
+    # Whatever ids the padding (and extra padding columns) holds, it changes nothing.
+    padded = _with_random_padding(_batch(data), data.vocabulary, extra_columns=5)
+    torch.testing.assert_close(model(padded), unpadded, rtol=1e-5, atol=1e-6)
     loss, _ = model.loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
 
@@ -55,26 +70,43 @@ def test_score_candidates_equals_batch_forward(model_class, one_thread):
         loss.backward()
         optimizer.step()
     model.eval()
-    user = int(data.test.users[0])
+    # The served user's impressions share the batch with those of a user whose history is longer,
+    # so that theirs are padded (with random ids).
+    history_lengths = np.diff(data.sequence_offsets)
+    user = int(data.test.users[np.argmin(history_lengths[data.test.users])])
+    longer_user = int(data.test.users[np.argmax(history_lengths[data.test.users])])
     rows = np.flatnonzero(data.test.users == user)
-    batch = make_batch(data, data.test, rows, 1000)
-    expected = torch.sigmoid(model(batch))
+    batch = make_batch(data, data.test, np.concatenate([rows, np.flatnonzero(data.test.users == longer_user)]), 1000)
     length = int(batch.lengths[0])
+    assert length < batch.history_items.shape[1]
+    _with_random_padding(batch, data.vocabulary, extra_columns=0)
+    expected = torch.sigmoid(model(batch))[:len(rows)]
     history = torch.stack([batch.history_items[0, :length], batch.history_categories[0, :length]], dim=1)
-    candidates = torch.stack([batch.items, batch.categories], dim=1)
+    candidates = torch.stack([batch.items[:len(rows)], batch.categories[:len(rows)]], dim=1)
     with torch.no_grad():
         probabilities, weights = model.score_candidates(batch.profile[0], history, candidates, return_attention=True)
     torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
     if model_class is DIN:
         assert weights.shape == (len(rows), length)
-        torch.testing.assert_close(weights, model.attention_weights(batch)[:, :length], rtol=1e-5, atol=1e-6)
+        batch_weights = model.attention_weights(batch)[:len(rows)]
+        torch.testing.assert_close(weights, batch_weights[:, :length], rtol=1e-5, atol=1e-6)
+        assert not batch_weights[:, length:].any()
     with pytest.raises(RuntimeError, match="eval"):
         model.train().score_candidates(batch.profile[0], history, candidates)
 
 
-def test_backends_agree_and_checkpoint_round_trip(tmp_path):
+def test_backends_agree_and_checkpoint_round_trip(tmp_path, one_thread):
     data = make_synthetic(**SMALL, seed=2)
-    torch_model = DIN(data.vocabulary, attention_activation="dice", backend="torch").eval()
+    torch_model = DIN(data.vocabulary, attention_activation="dice", mlp_activation="dice", backend="torch")
+    running_before = {name: value.clone() for name, value in torch_model.named_buffers() if "running_" in name}
+    embedding_before = torch_model.item_embedding.weight.detach().clone()
+    # Training moves Dice's running statistics and the weights off their initial values, so that
+    # the round trip must carry them.
+    _train(torch_model, data, epochs=1, batch_size=64, lr=1e-2)
+    torch_model.eval()
+    buffers = dict(torch_model.named_buffers())
+    assert running_before and all(not torch.equal(buffers[name], value) for name, value in running_before.items())
+    assert not torch.equal(torch_model.item_embedding.weight, embedding_before)
     reference_model = build_model({**torch_model.config, "backend": "reference"}).eval()
     reference_model.load_state_dict(torch_model.state_dict())
     batch = _batch(data)

@@ -90,12 +90,12 @@ def load_amazon(directory, seed: int = 0) -> InteractionData:
         if not isinstance(user, str) or not isinstance(item, str):
             raise DataFileError(reviews_path, number, "reviewerID and asin must be strings")
         try:
-            time = int(time)
-        except (TypeError, ValueError):
-            raise DataFileError(reviews_path, number, f"unixReviewTime must be an integer, got {time!r}") from None
+            times.append(int(time))
+        except (TypeError, ValueError, OverflowError):  # OverflowError: infinity, or beyond 64 bits
+            raise DataFileError(reviews_path, number, f"unixReviewTime must be an integer within 64 bits, "
+                                                      f"got {time!r}") from None
         users.append(_intern(user_keys, user))
         items.append(_intern(item_keys, item))
-        times.append(time)
     if not users:
         raise DataFileError(reviews_path, 1, "no reviews in the file")
 
@@ -105,14 +105,17 @@ def load_amazon(directory, seed: int = 0) -> InteractionData:
         if not line.strip():
             continue
         record = _parse_record(meta_path, number, line)
-        item = item_keys.get(_field(record, "asin", meta_path, number))
+        asin = _field(record, "asin", meta_path, number)
+        if not isinstance(asin, str):
+            raise DataFileError(meta_path, number, f"asin must be a string, got {asin!r}")
+        item = item_keys.get(asin)
         if item is None:
             continue
         paths = record.get("categories") or []
-        try:
-            category = str(paths[-1][-1]) if paths and paths[-1] else UNKNOWN_CATEGORY
-        except (TypeError, KeyError, IndexError):
-            raise DataFileError(meta_path, number, "categories must be a list of category paths (lists)") from None
+        if not (isinstance(paths, list) and all(isinstance(category_path, list) for category_path in paths)):
+            raise DataFileError(meta_path, number, f"categories must be a list of category paths (lists), "
+                                                   f"got {paths!r}")
+        category = str(paths[-1][-1]) if paths and paths[-1] else UNKNOWN_CATEGORY
         item_category[item] = _intern(category_keys, category)
     if (item_category < 0).any():
         unknown = _intern(category_keys, UNKNOWN_CATEGORY)

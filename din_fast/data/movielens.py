@@ -6,8 +6,9 @@ are the movies the user rated 4 or more strictly earlier (by timestamp), in time
 movie's category is its first genre ("(no genres listed)" is a category of its own). The users
 are split at random (by ``seed``) into training and test users, 100,000 : 38,493 as in the paper.
 There are no profile features. ``ratings.csv`` (20M lines) is parsed in vectorized blocks of
-4 MB, never held as text or Python objects: reading keeps 17 bytes per rating, and the
-preprocessing peaks near 130 bytes per rating (about 2.7 GB for the 20M ratings).
+4 MB, never held as text or Python objects: reading keeps 25 bytes per rating (ids are int64, so
+that any id below 2**53 stays distinct), and the preprocessing peaks near 140 bytes per rating
+(about 2.9 GB for the 20M ratings).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ SOURCE = "GroupLens (grouplens.org/datasets/movielens/20m, ml-20m.zip)"
 TEST_USER_FRACTION = 38493 / 138493
 CLICK_RATING = 4.0
 _BLOCK_BYTES = 1 << 22
+# Ratings are parsed as float64, which holds every integer of smaller magnitude exactly: larger
+# ids or timestamps could silently merge with their neighbours.
+_INTEGER_LIMIT = 2 ** 53
 
 
 def _parse_rating_line(path: Path, number: int, line: bytes) -> Tuple[int, int, float, int]:
@@ -43,29 +47,33 @@ def _parse_rating_line(path: Path, number: int, line: bytes) -> Tuple[int, int, 
         user, movie, rating, time = (float(field) for field in fields)
     except ValueError:
         user = movie = rating = time = math.nan
-    if not all(math.isfinite(v) and v == round(v) for v in (user, movie, time)) or not math.isfinite(rating):
-        raise DataFileError(path, number, f"userId, movieId and timestamp must be integers and rating a finite "
-                                          f"number, got {line.strip().decode('utf-8', 'replace')!r}")
+    if not all(abs(v) < _INTEGER_LIMIT and v == round(v) for v in (user, movie, time)) or not math.isfinite(rating):
+        raise DataFileError(path, number, f"userId, movieId and timestamp must be integers of magnitude < 2**53 and "
+                                          f"rating a finite number, got {line.strip().decode('utf-8', 'replace')!r}")
     return int(user), int(movie), rating, int(time)
 
 
 def _parse_rating_block(path: Path, first_number: int, lines: List[bytes]) -> np.ndarray:
     """``[n, 4]`` float64 (userId, movieId, rating, timestamp) of a block of lines; on a bad
-    block, parses line by line to report the first malformed one."""
-    lines = [line for line in lines if line.strip()]
+    block, parses line by line to report the first malformed one. Blank lines are skipped but
+    counted, so that line numbers are the file's."""
+    filled = [line.strip() for line in lines if line.strip()]
     try:
-        fields = np.array(b",".join(line.strip() for line in lines).split(b","))
-        if fields.shape[0] != 4 * len(lines):
+        fields = np.array(b",".join(filled).split(b","))
+        if fields.shape[0] != 4 * len(filled):
             raise ValueError("field count")
         block = fields.astype(np.float64).reshape(-1, 4)
-        # float64 reads "1.9" and "nan" too: the ids and times must be whole, the ratings finite.
+        # float64 reads "1.9", "nan" and "1e300" too: the ids and times must be whole and below
+        # _INTEGER_LIMIT, the ratings finite.
         ids_and_times = block[:, [0, 1, 3]]
-        if not (np.isfinite(block).all() and (ids_and_times == np.round(ids_and_times)).all()):
+        if not (np.isfinite(block[:, 2]).all() and (np.abs(ids_and_times) < _INTEGER_LIMIT).all()
+                and (ids_and_times == np.round(ids_and_times)).all()):
             raise ValueError("not integers")
         return block
     except ValueError:
         for offset, line in enumerate(lines):
-            _parse_rating_line(path, first_number + offset, line)
+            if line.strip():
+                _parse_rating_line(path, first_number + offset, line)
         raise
 
 
@@ -111,6 +119,9 @@ def _read_movies(path: Path) -> Dict[int, str]:
             movie = int(fields[0])
         except ValueError:
             raise DataFileError(path, number, f"movieId must be an integer, got {fields[0]!r}") from None
+        if abs(movie) >= _INTEGER_LIMIT:
+            raise DataFileError(path, number, f"movieId must be of magnitude < 2**53 (as in {RATINGS_FILE}), "
+                                              f"got {movie}")
         genres[movie] = fields[2].split("|")[0]
     return genres
 
@@ -135,7 +146,7 @@ def load_movielens(directory, seed: int = 0, test_user_fraction: float = TEST_US
     genre_of = _read_movies(movies_path)
     columns: Tuple[list, list, list, list] = ([], [], [], [])
     for block in _rating_blocks(ratings_path, max_ratings):
-        for column, values, dtype in zip(columns, block.T, (np.int32, np.int32, np.float32, np.int64)):
+        for column, values, dtype in zip(columns, block.T, (np.int64, np.int64, np.float32, np.int64)):
             column.append(values.astype(dtype))
     if not columns[0]:
         raise DataFileError(ratings_path, 2, "no ratings in the file")
@@ -145,7 +156,7 @@ def load_movielens(directory, seed: int = 0, test_user_fraction: float = TEST_US
     del ratings
 
     user_keys, users = np.unique(raw_users, return_inverse=True)
-    listed = np.fromiter(genre_of, dtype=np.int32, count=len(genre_of))
+    listed = np.fromiter(genre_of, dtype=np.int64, count=len(genre_of))
     movie_keys, movies = np.unique(np.concatenate([raw_movies, listed]), return_inverse=True)
     movies = movies[:raw_movies.shape[0]] + 1
     genre_names = sorted(set(genre_of.values()) | {"(unknown)"})
