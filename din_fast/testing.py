@@ -69,6 +69,16 @@ def score_bias_scale(num_valid: int, grad_pooled: torch.Tensor, keys: torch.Tens
     return max(1, num_valid) ** 0.5 * max(1.0, term_scale * upstream.abs().max().item())
 
 
+def score_weight_scale(expected: torch.Tensor, dtype: torch.dtype, bias_scale: float) -> float:
+    """``assert_close``'s ``scale`` for the score layer's weight gradient under softmax (expected
+    ``[1, H_n]`` float64): entry j sums the same cancelling terms as the bias (``bias_scale``,
+    from ``score_bias_scale``), each times the last hidden activation ``h_tj``. Where most
+    samples have several valid positions the entries are of the terms' size and the normwise
+    bound holds; where every sample has at most one, every entry is exactly 0 and only the
+    terms' rounding is left. The bound is the larger of the two, never wider than needed."""
+    return max(1.0, TOLERANCES[dtype]["atol"] * bias_scale / normwise_bound(expected, dtype))
+
+
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer pre-filled with NaN, so elements a kernel forgets to write show up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

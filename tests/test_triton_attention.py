@@ -10,7 +10,7 @@ import torch
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
 from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, nan_filled, nan_filled_allocations,
-                              score_bias_scale)
+                              score_bias_scale, score_weight_scale)
 
 triton = pytest.importorskip("triton")
 
@@ -123,11 +123,14 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
         trainable_names(activation, act_params)
     assert len(names) == len(leaves)
     valid = int(lengths.sum()) if lengths is not None else int(mask.sum()) if mask is not None else batch * seq_len
+    bias_scale = score_bias_scale(valid, grad_pooled, keys, grad_attn, normalization, softmax_scale)
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         scale = grad_scale
         if name == f"biases[{n - 1}]":
-            scale *= score_bias_scale(valid, grad_pooled, keys, grad_attn, normalization, softmax_scale)
+            scale *= bias_scale
+        elif name == f"weights[{n - 1}]" and normalization == "softmax":
+            scale *= score_weight_scale(want, dtype, bias_scale)
         assert_close(got, want, dtype, f"grad {name}", scale=scale)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
