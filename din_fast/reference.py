@@ -163,7 +163,9 @@ def pool_scores(scores: Tensor, keys: Tensor, valid: Tensor, *, normalization: s
         weights = torch.where(valid, scores, zero)
     elif normalization == "softmax":
         logits = torch.where(valid, scores * softmax_scale, torch.full_like(scores, float("-inf")))
-        row_max = logits.amax(dim=1, keepdim=True)
+        # With T = 0 there is nothing to take the max of (amax rejects the empty dimension); the
+        # shift is 0 there, as in a row of padding only.
+        row_max = logits.amax(dim=1, keepdim=True) if logits.shape[1] else logits.new_zeros(logits.shape[0], 1)
         row_max = torch.where(torch.isneginf(row_max), zero, row_max).detach()
         exps = torch.where(valid, torch.exp(logits - row_max), zero)
         total = exps.sum(dim=1, keepdim=True)

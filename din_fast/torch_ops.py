@@ -12,6 +12,7 @@ with ``u_b`` ``[H1]`` and ``M_b`` ``[D, H1]`` built once per sample, so each beh
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,27 @@ def _sum_over_ranks(*values: Tensor, process_group) -> Tuple[Tensor, ...]:
     dist.all_reduce(packed, group=process_group)
     return tuple(part.view_as(v).to(v.dtype if v.is_floating_point() else dtype)
                  for part, v in zip(packed.split([v.numel() for v in values]), values))
+
+
+def _autocast_disabled(op):
+    """``op`` with autocast off for the device of its first tensor argument (positional ones
+    first).
+
+    The attention allocates its score buffer and gradient sums in its inputs' dtype; autocast
+    would run the products that fill them in 16 bits. With it off, these ops compute under
+    autocast exactly what they compute outside it, in their inputs' dtype (16-bit inputs in
+    float32, as always), and return that dtype, as the triton backend's custom ops do.
+    """
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        device_type = next(arg for arg in (*args, *kwargs.values()) if isinstance(arg, Tensor)).device.type
+        if not torch.amp.is_autocast_available(device_type):
+            return op(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+
+    return run
 
 
 def _masked_mean_var(flat: Tensor, keep: Optional[Tensor], process_group=None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -339,6 +361,7 @@ class _PointwiseAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_autocast_disabled  # as in the forward, for a backward called under autocast
     def backward(ctx, grad_pooled, grad_attn):
         activation, normalization, softmax_scale, n_layers, n_params, blocks = ctx.config
         query, keys, valid, packed_rows, attn, values, *rest = ctx.saved_tensors
@@ -390,7 +413,7 @@ class _PointwiseAttention(torch.autograd.Function):
                                    grads_b, grads_slope)
             if packed_rows is None:
                 block_query = query[start:end]
-                grad_h1 = grad_h.view(end - start, seq_len, -1)
+                grad_h1 = grad_h.view(end - start, seq_len, w_k.shape[0])
                 torch.sum(grad_h1, 1, out=grad_per_sample[start:end])
                 grad_folded = torch.bmm(keys[start:end].transpose(1, 2), grad_h1)
                 folded_t = _transposed_fold(block_query, w_k, w_p)
@@ -451,13 +474,15 @@ def _in_float32(activation: str, inputs: Sequence[Tensor], weights: Sequence[Ten
     return [t.float() for t in inputs], [w.float() for w in weights], [b.float() for b in biases], act_params
 
 
+@_autocast_disabled
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
                       softmax_scale: float = 1.0, dice_stats: str = "valid", training: bool = False,
                       momentum: float = 0.1, eps: float = 1e-8, process_group=None) -> Tuple[Tensor, Tensor]:
     """Folded attention pooling; see ``din_fast.reference.attention_pooling``. 16-bit inputs
-    compute in float32 (outputs in their dtype).
+    compute in float32 (outputs in their dtype). Autocast does not apply: under it the result,
+    and its dtype, are those of the same call outside it.
 
     Returns ``(pooled [B, D], weights [B, T])``.
     """
@@ -486,12 +511,13 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     return torch.bmm(attn[:, None, :], values)[:, 0], attn
 
 
+@_autocast_disabled
 def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                      activation: str = "sigmoid", act_params: Sequence[Sequence[Tensor]] = (),
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8
                      ) -> Tuple[Tensor, Tensor]:
     """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold; 16-bit
-    inputs compute in float32.
+    inputs compute in float32 (outputs in their dtype), and autocast does not apply.
 
     Every candidate's first layer comes from one ``[T, D] x [D, C * H1]`` product against the
     candidates' ``M_c`` side by side, with ``u_c`` as the product's bias row, so the history is

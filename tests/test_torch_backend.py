@@ -377,3 +377,84 @@ def test_row_blocks_are_cache_sized_on_the_cpu_and_one_on_a_gpu():
     packed = torch.arange(5000)
     assert torch_ops._row_blocks(100, 100, packed, torch.device("cuda")) == [(0, 5000)]
     assert torch_ops._row_blocks(0, 100, None, torch.device("cuda")) == []
+
+
+@pytest.mark.parametrize("valid", ["lengths", "mask", "all"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("activation,training,autocast_backward", [
+    ("sigmoid", False, False), ("relu", False, False), ("prelu", False, False),
+    ("sigmoid", False, True), ("relu", False, True), ("prelu", False, True),
+    ("dice", True, False), ("dice", False, False),
+])
+def test_attention_pooling_under_autocast_computes_as_without_it(activation, training, autocast_backward,
+                                                                 normalization, valid):
+    """Under bfloat16 autocast, float32 inputs give the very float32 outputs, running statistics
+    and gradients that they give outside it. Lengths 1, 5, 3 of 5 pack the valid rows; the mask,
+    one hole in 15 positions, goes through the fold with masking, and every position valid
+    through the fold alone. The pointwise activations' hand-written backward is also called
+    under autocast; Dice's attention is differentiated by autograd, whose backward of PyTorch's
+    own ops follows the autocast state it is called in (PyTorch advises against that)."""
+    case = _attention_case((3, 5, 18, (12, 8), [1, 5, 3]), activation, torch.float32)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2] = False
+    options = dict(activation=activation, normalization=normalization, softmax_scale=0.5, training=training,
+                   **{"lengths": dict(lengths=case[5]), "mask": dict(mask=mask), "all": {}}[valid])
+
+    def forward_under_autocast(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch_ops.attention_pooling(*args, **kwargs)
+
+    expected_leaves, leaves = _detached_leaves(case[:5]), _detached_leaves(case[:5])
+    expected = _run(torch_ops.attention_pooling, *expected_leaves, **options)
+    if autocast_backward:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results = _run(torch_ops.attention_pooling, *leaves, **options)
+    else:
+        results = _run(forward_under_autocast, *leaves, **options)
+    statistics, expected_statistics = ([stat for layer in act_params for stat in layer[1:3]]
+                                       for act_params in (leaves[4], expected_leaves[4]))
+    for name, value, want in zip(["pooled", "weights", "gradients", "running statistics"],
+                                 [*results, statistics], [*expected, expected_statistics]):
+        torch.testing.assert_close(value, want, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_score_candidates_under_autocast_computes_as_without_it(activation, normalization):
+    """Serving under bfloat16 autocast: float32 inputs give the very float32 outputs they give
+    outside it."""
+    weights, biases, act_params = random_attention_mlp(18, (12, 8), activation)
+    history, candidates = torch.randn(9, 18), torch.randn(5, 18)
+    options = dict(act_params=act_params, activation=activation, normalization=normalization)
+    expected = torch_ops.score_candidates(history, candidates, weights, biases, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = torch_ops.score_candidates(history, candidates, weights, biases, **options)
+    torch.testing.assert_close(results, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op", [torch_ops.attention_pooling, R.attention_pooling], ids=["torch", "reference"])
+@pytest.mark.parametrize("valid", ["lengths", "mask", "all"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("activation,training,dice_stats,dice_affine", [
+    ("sigmoid", False, "valid", False), ("relu", False, "valid", False), ("prelu", False, "valid", False),
+    ("dice", True, "valid", False), ("dice", True, "all", True), ("dice", False, "valid", False),
+])
+def test_attention_pooling_of_empty_sequences(op, activation, training, dice_stats, dice_affine, normalization,
+                                              valid):
+    """Keys ``[B, 0, D]``: pooled zeros ``[B, D]``, weights ``[B, 0]`` and every gradient exactly 0,
+    nothing depending on the query or the MLP. Dice's batch statistics are those of an empty
+    batch, which leaves the running ones as they were."""
+    case = _attention_case((3, 0, 18, (12, 8), [0, 0, 0]), activation, torch.float64, dice_affine)
+    query, keys, weights, biases, act_params, lengths = case
+    running = [stat.clone() for layer in act_params for stat in layer[1:3]]
+    options = dict(activation=activation, normalization=normalization, training=training, dice_stats=dice_stats,
+                   **{"lengths": dict(lengths=lengths), "mask": dict(mask=torch.ones(3, 0, dtype=torch.bool)),
+                      "all": {}}[valid])
+    pooled, attn, grads = _run(op, query, keys, weights, biases, act_params, **options)
+    zeros = [query.new_zeros(3, 18), query.new_zeros(3, 0)] + [
+        torch.zeros_like(leaf) for leaf in [query, keys] + _leaves(weights, biases, act_params)]
+    for name, value, want in zip(["pooled", "weights"] + [f"gradient {i}" for i in range(len(grads))],
+                                 [pooled, attn, *grads], zeros):
+        torch.testing.assert_close(value, want, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert all(torch.equal(stat, before) for stat, before in
+               zip([stat for layer in act_params for stat in layer[1:3]], running))
