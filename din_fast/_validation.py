@@ -78,7 +78,8 @@ def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float
     if value != value or (value < 0 if allow_zero else value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}")
-    if not math.isfinite(value):
+    # A comparison, not math.isfinite: torch.compile traces it on a symbolic float.
+    if value == math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 

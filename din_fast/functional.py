@@ -27,7 +27,8 @@ def _check_channel_vector(name: str, value: Optional[Tensor], channels: int, lik
     if same_dtype and value.dtype != like.dtype:
         raise TypeError(f"{name} must have the inputs' dtype {like.dtype}, got {value.dtype}")
     allowed = sizes or (channels,)
-    if value.shape[0] not in allowed:
+    # Compared one by one: torch.compile does not trace `in` on a symbolic size.
+    if not any(value.shape[0] == size for size in allowed):
         expected = " or ".join(f"[{n}]" for n in allowed)
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if value.device != like.device:
@@ -137,6 +138,8 @@ def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[T
             raise ValueError(f"act_params[{i}] must hold {expected} tensors for activation={activation!r}, the same "
                              f"number in every layer, got {len(params)}")
         for j, p in enumerate(params):
+            if p is None:
+                raise TypeError(f"act_params[{i}][{j}] must be a tensor, got None")
             sizes = (width, 1) if activation == "prelu" else (width,)
             # Dice's running statistics may stay float32 with 16-bit inputs, as BatchNorm's may.
             statistics = activation == "dice" and j in (1, 2)

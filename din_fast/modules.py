@@ -124,7 +124,10 @@ class LocalActivationUnit(nn.Module):
             self.activations = None
 
     def mlp_arguments(self) -> dict:
-        """The keyword arguments describing this MLP for ``din_fast.functional``."""
+        """The keyword arguments describing this MLP for ``din_fast.functional``; with Dice, also
+        its layers' ``training`` mode, ``momentum``, ``eps`` and ``process_group``, which they
+        must share (the fused op takes one of each): a Dice layer set to ``eval()`` alone, as
+        one freezes BatchNorm statistics, must not keep updating them."""
         if self.activation == "prelu":
             act_params = tuple((act.weight,) for act in self.activations)
         elif self.activation == "dice":
@@ -135,13 +138,21 @@ class LocalActivationUnit(nn.Module):
                          biases=tuple(layer.bias for layer in self.layers), activation=self.activation,
                          act_params=act_params)
         if self.activation == "dice":
-            first = self.activations[0]
-            arguments.update(momentum=first.momentum, eps=first.eps, process_group=first.process_group)
+            settings = [dict(training=act.training, momentum=act.momentum, eps=act.eps,
+                             process_group=act.process_group) for act in self.activations]
+            for i, layer in enumerate(settings[1:], start=1):
+                differing = sorted(name for name in layer if layer[name] is not settings[0][name]
+                                   and layer[name] != settings[0][name])
+                if differing:
+                    raise ValueError(f"the Dice layers of one attention MLP must share training, momentum, eps and "
+                                     f"process_group (the fused op takes one of each): activations[{i}] differs "
+                                     f"from activations[0] in {differing}")
+            arguments.update(settings[0])
         return arguments
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
-        return functional.local_activation_scores(query, keys, training=self.training, backend=self.backend,
-                                                  **self.mlp_arguments())
+        return functional.local_activation_scores(query, keys, backend=self.backend,
+                                                  **{"training": self.training, **self.mlp_arguments()})
 
     def extra_repr(self) -> str:
         return (f"embedding_dim={self.embedding_dim}, hidden_units={self.hidden_units}, "
@@ -185,8 +196,8 @@ class AttentionPooling(nn.Module):
                 return_scores: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         pooled, weights = functional.attention_pooling(
             query, keys, lengths=lengths, mask=mask, normalization=self.normalization,
-            softmax_scale=self.softmax_scale, dice_stats=self.dice_stats, training=self.training,
-            backend=self.backend, **self.unit.mlp_arguments())
+            softmax_scale=self.softmax_scale, dice_stats=self.dice_stats, backend=self.backend,
+            **{"training": self.training, **self.unit.mlp_arguments()})
         return (pooled, weights) if return_scores else pooled
 
     def score_candidates(self, history: Tensor, candidates: Tensor,
@@ -194,8 +205,8 @@ class AttentionPooling(nn.Module):
         """Serving: one user's ``history`` ``[T, D]`` (all valid) against ``candidates`` ``[C, D]``
         -> ``[C, D]`` (and weights ``[C, T]``), always with inference semantics."""
         arguments = self.unit.mlp_arguments()
-        arguments.pop("momentum", None)
-        arguments.pop("process_group", None)
+        for inference_only in ("training", "momentum", "process_group"):
+            arguments.pop(inference_only, None)
         pooled, weights = functional.score_candidates(history, candidates, normalization=self.normalization,
                                                       softmax_scale=self.softmax_scale, backend=self.backend,
                                                       **arguments)

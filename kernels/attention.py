@@ -1090,8 +1090,9 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
             ``output_dtype(keys.dtype, normalization)``.
 
     Returns:
-        ``(pooled [B, D], weights [B, T], row_max [B] fp32, row_sum [B] fp32)``; the last two
-        are the softmax statistics (unwritten for ``normalization="none"``).
+        ``(pooled [B, D], weights [B, T], row_max, row_sum)``: the softmax statistics, fp32
+        ``[B]``, or empty ``[0]`` for ``normalization="none"``, which has none (every output
+        an op returns is written).
     """
     batch, seq_len, dim = keys.shape
     device = keys.device
@@ -1100,8 +1101,9 @@ def attention_forward(query: torch.Tensor, keys: torch.Tensor, mlp: FoldedMLP, s
         pooled = torch.empty(batch, dim, dtype=out_dtype, device=device)
     if weights is None:
         weights = torch.empty(batch, seq_len, dtype=out_dtype, device=device)
-    row_max = torch.empty(batch, dtype=torch.float32, device=device)
-    row_sum = torch.empty(batch, dtype=torch.float32, device=device)
+    statistics = batch if normalization == "softmax" else 0
+    row_max = torch.empty(statistics, dtype=torch.float32, device=device)
+    row_sum = torch.empty(statistics, dtype=torch.float32, device=device)
     if batch == 0:
         return pooled, weights, row_max, row_sum
     logits = (torch.empty(batch, seq_len, dtype=torch.float32, device=device)

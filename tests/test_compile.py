@@ -21,14 +21,19 @@ def _gradients(module, loss):
     return torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
-@pytest.mark.parametrize("normalization", ["none", "softmax"])
-def test_attention_pooling_compiles_without_graph_breaks(activation, normalization):
-    pool = din_fast.AttentionPooling(8, (6, 4), activation=activation, normalization=normalization, backend="torch")
+@pytest.mark.parametrize("activation,normalization,dynamic", [
+    ("sigmoid", "none", False), ("sigmoid", "softmax", False), ("prelu", "none", False), ("prelu", "softmax", False),
+    ("dice", "none", False), ("dice", "softmax", False),
+    # Dynamic shapes trace the argument checks on a symbolic softmax_scale and Dice widths.
+    ("dice", "softmax", True),
+])
+def test_attention_pooling_compiles_without_graph_breaks(activation, normalization, dynamic):
+    pool = din_fast.AttentionPooling(8, (6, 4), activation=activation, normalization=normalization,
+                                     softmax_scale=0.5, backend="torch")
     query, keys, lengths = torch.randn(3, 8), torch.randn(3, 5, 8), torch.tensor([5, 0, 2])
     explanation = torch._dynamo.explain(pool)(query, keys, lengths)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(pool, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     pool.eval()  # Dice's running statistics stay fixed, so both runs see the same module.
     out = compiled(query, keys, lengths)
     expected = pool(query, keys, lengths)

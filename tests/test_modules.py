@@ -78,6 +78,39 @@ def test_score_candidates_equals_pooling_each_candidate():
     torch.testing.assert_close(weights, per_weights)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_attention_dice_layers_set_to_eval_keep_their_statistics(backend):
+    # As with BatchNorm, a Dice layer frozen by its own eval() stops updating its statistics
+    # and uses them, whatever mode the pooling module is in.
+    pool = din_fast.AttentionPooling(4, (6, 4), activation="dice", backend=backend).train()
+    query, keys = torch.randn(2, 4), torch.randn(2, 3, 4)
+    for dice in pool.unit.activations:
+        dice.eval()
+    statistics = [t.clone() for dice in pool.unit.activations for t in (dice.running_mean, dice.running_var)]
+    frozen = pool(query, keys)
+    assert all(torch.equal(t, before) for t, before in
+               zip([t for dice in pool.unit.activations for t in (dice.running_mean, dice.running_var)], statistics))
+    torch.testing.assert_close(frozen, pool.eval()(query, keys), atol=0, rtol=0)
+    pool.train()
+    pool.unit.activations[1].eval()
+    with pytest.raises(ValueError, match=r"activations\[1\] differs from activations\[0\] in \['training'\]"):
+        pool(query, keys)
+    pool.unit.activations[1].train()
+    pool.unit.activations[1].momentum = 0.5
+    with pytest.raises(ValueError, match=r"in \['momentum'\]"):
+        pool(query, keys)
+
+
+@pytest.mark.parametrize("activation,act_params", [
+    ("prelu", [(None,)]), ("dice", [(torch.rand(3), None, None)]),
+    ("dice", [(torch.rand(3), torch.zeros(3), torch.ones(3), None, None)])])
+def test_none_in_act_params_is_named(activation, act_params):
+    weights, biases = [torch.randn(3, 16), torch.randn(1, 3)], [torch.randn(3), torch.randn(1)]
+    with pytest.raises(TypeError, match=r"act_params\[0\]\[[0-9]\] must be a tensor, got None"):
+        F.attention_pooling(torch.randn(2, 4), torch.randn(2, 5, 4), weights, biases, activation=activation,
+                            act_params=act_params, backend="torch")
+
+
 def test_mba_regularizer_gradient_touches_only_batch_rows():
     counts = torch.tensor([1, 2, 3, 4, 5])
     reg = din_fast.MBARegularizer(counts, lam=0.1)

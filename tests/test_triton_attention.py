@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import din_fast
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
 from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, nan_filled, nan_filled_allocations,
@@ -405,11 +406,13 @@ def test_torch_compile_traces_without_graph_breaks():
     assert_close(grad, want_grad.double(), torch.float32, "grad query")
 
 
-@pytest.mark.parametrize("activation,training,transposed,dtype", [
-    ("sigmoid", False, False, torch.float32), ("dice", True, False, torch.float32),
-    ("sigmoid", False, True, torch.float32), ("sigmoid", False, False, torch.bfloat16)])
-def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
+@pytest.mark.parametrize("activation,training,transposed,dtype,normalization", [
+    ("sigmoid", False, False, torch.float32, "softmax"), ("dice", True, False, torch.float32, "softmax"),
+    ("sigmoid", False, True, torch.float32, "softmax"), ("sigmoid", False, False, torch.bfloat16, "softmax"),
+    ("sigmoid", False, False, torch.float32, "none")])
+def test_custom_ops_pass_opcheck(activation, training, transposed, dtype, normalization):
     # bfloat16 with softmax: the forward's pooled and weights are fp32 (output_dtype), fakes too.
+    # test_aot_dispatch_dynamic compares every output of two runs: one left unwritten fails it.
     query = randn(2, 18).to(dtype)
     keys = randn(2, 4, 18).to(dtype)
     weights, biases, act_params = make_mlp(18, (12, 6), activation, dtype, affine=training)
@@ -418,15 +421,31 @@ def test_custom_ops_pass_opcheck(activation, training, transposed, dtype):
         query = query.t().contiguous().t()
         weights = [w.t().contiguous().t() for w in weights]
     act_flat = [p for layer in act_params for p in layer]
-    args = (query, keys, weights, biases, torch.tensor([4, 1]), None, act_flat, activation, "softmax",
+    args = (query, keys, weights, biases, torch.tensor([4, 1]), None, act_flat, activation, normalization,
             1.0, 1e-8, training, "valid")
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     outputs = torch.ops.din_fast.attention_pooling_fwd(*args)
     upstream = tuple(randn(*out.shape).to(out.dtype) for out in outputs[:2])
     backward_args = args[:7] + tuple(outputs) + upstream + args[7:]
     torch.library.opcheck(torch.ops.din_fast.attention_pooling_bwd.default, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backward_of_an_inference_forward_after_the_statistics_moved():
+    # Dice in inference reads the running statistics, which a training forward then updates in
+    # place: the earlier graph's backward uses the values its forward used.
+    pool = din_fast.AttentionPooling(4, (6, 4), activation="dice", backend="triton")
+    expected_pool = din_fast.AttentionPooling(4, (6, 4), activation="dice", backend="reference", dtype=torch.float64)
+    expected_pool.load_state_dict(pool.state_dict())
+    query, keys = randn(2, 4), randn(2, 3, 4)
+    grads = []
+    for module, cast in ((pool, torch.float32), (expected_pool, torch.float64)):
+        q = query.to(cast).requires_grad_()
+        inference = module.eval()(q, keys.to(cast))
+        training = module.train()(q, keys.to(cast))
+        grads.append(torch.autograd.grad(inference.sum() + training.sum(), q)[0])
+    assert_close(grads[0], grads[1], torch.float32, "grad query")
 
 
 def test_aot_specs_cover_every_option():

@@ -135,8 +135,10 @@ def _(query, keys, weights, biases, lengths, mask, act_flat, activation, normali
     else:
         stats_shape = count_shape = (0,)
     out_dtype = _k.output_dtype(keys.dtype, normalization)
+    softmax_statistics = batch if normalization == "softmax" else 0
     return (keys.new_empty(batch, dim, dtype=out_dtype), keys.new_empty(batch, seq_len, dtype=out_dtype),
-            keys.new_empty(batch, dtype=torch.float32), keys.new_empty(batch, dtype=torch.float32),
+            keys.new_empty(softmax_statistics, dtype=torch.float32),
+            keys.new_empty(softmax_statistics, dtype=torch.float32),
             keys.new_empty(stats_shape, dtype=torch.float32), keys.new_empty(stats_shape, dtype=torch.float32),
             keys.new_empty(count_shape, dtype=torch.float32))
 
@@ -231,11 +233,16 @@ def _setup_context(ctx, inputs, output):
     ctx.num_layers = len(weights)
     ctx.num_act = len(act_flat)
     ctx.options = (activation, normalization, softmax_scale, eps, training, dice_stats)
-    if _batch_statistics(activation, training):
-        # The running statistics are updated in place after the forward and the backward does
-        # not read them: their slots carry the layer's alpha (same shape), not a stale copy.
+    if activation == "dice":
         arity = len(act_flat) // (len(weights) - 1)
-        act_flat = [act_flat[i - i % arity] if i % arity in (1, 2) else p for i, p in enumerate(act_flat)]
+        if _batch_statistics(activation, training):
+            # The running statistics are updated in place after the forward and the backward
+            # does not read them: their slots carry the layer's alpha (same shape), not a copy.
+            act_flat = [act_flat[i - i % arity] if i % arity in (1, 2) else p for i, p in enumerate(act_flat)]
+        else:
+            # The backward reads them, and a training forward may update them in place before
+            # it runs: it gets the values this forward used.
+            act_flat = [p.detach().clone() if i % arity in (1, 2) else p for i, p in enumerate(act_flat)]
     ctx.save_for_backward(query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, dice_mean, dice_var,
                           dice_count, *weights, *biases, *act_flat)
 
