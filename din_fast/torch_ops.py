@@ -12,13 +12,12 @@ with ``u_b`` ``[H1]`` and ``M_b`` ``[D, H1]`` built once per sample, so each beh
 
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._numerics import compute_dtype
+from ._numerics import autocast_disabled, compute_dtype
 from ._running_stats import update_running_stats
 
 Tensor = torch.Tensor
@@ -35,27 +34,6 @@ def _sum_over_ranks(*values: Tensor, process_group) -> Tuple[Tensor, ...]:
     dist.all_reduce(packed, group=process_group)
     return tuple(part.view_as(v).to(v.dtype if v.is_floating_point() else dtype)
                  for part, v in zip(packed.split([v.numel() for v in values]), values))
-
-
-def _autocast_disabled(op):
-    """``op`` with autocast off for the device of its first tensor argument (positional ones
-    first).
-
-    The attention allocates its score buffer and gradient sums in its inputs' dtype; autocast
-    would run the products that fill them in 16 bits. With it off, these ops compute under
-    autocast exactly what they compute outside it, in their inputs' dtype (16-bit inputs in
-    float32, as always), and return that dtype, as the triton backend's custom ops do.
-    """
-
-    @functools.wraps(op)
-    def run(*args, **kwargs):
-        device_type = next(arg for arg in (*args, *kwargs.values()) if isinstance(arg, Tensor)).device.type
-        if not torch.amp.is_autocast_available(device_type):
-            return op(*args, **kwargs)
-        with torch.autocast(device_type, enabled=False):
-            return op(*args, **kwargs)
-
-    return run
 
 
 def _masked_mean_var(flat: Tensor, keep: Optional[Tensor], process_group=None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -361,7 +339,7 @@ class _PointwiseAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @_autocast_disabled  # as in the forward, for a backward called under autocast
+    @autocast_disabled  # as in the forward, for a backward called under autocast
     def backward(ctx, grad_pooled, grad_attn):
         activation, normalization, softmax_scale, n_layers, n_params, blocks = ctx.config
         query, keys, valid, packed_rows, attn, values, *rest = ctx.saved_tensors
@@ -474,7 +452,7 @@ def _in_float32(activation: str, inputs: Sequence[Tensor], weights: Sequence[Ten
     return [t.float() for t in inputs], [w.float() for w in weights], [b.float() for b in biases], act_params
 
 
-@_autocast_disabled
+@autocast_disabled
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
@@ -511,7 +489,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     return torch.bmm(attn[:, None, :], values)[:, 0], attn
 
 
-@_autocast_disabled
+@autocast_disabled
 def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                      activation: str = "sigmoid", act_params: Sequence[Sequence[Tensor]] = (),
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8

@@ -448,6 +448,26 @@ def test_backward_of_an_inference_forward_after_the_statistics_moved():
     assert_close(grads[0], grads[1], torch.float32, "grad query")
 
 
+@pytest.mark.parametrize("activation,normalization", [("sigmoid", "none"), ("dice", "softmax")])
+def test_autocast_does_not_apply(activation, normalization):
+    # The host-side products around the kernels (the query's share of the first layer, the
+    # weight sums) would run in bfloat16 under autocast: the results must be those outside it.
+    pool = din_fast.AttentionPooling(8, (6, 4), activation=activation, normalization=normalization,
+                                     backend="triton").eval()
+    query, keys, lengths = randn(3, 8).requires_grad_(), randn(3, 5, 8), torch.tensor([5, 0, 2])
+    history, candidates = randn(5, 8), randn(4, 8)
+    results = []
+    for autocast in (False, True):
+        with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            pooled = pool(query, keys, lengths)
+            (grad_query,) = torch.autograd.grad(pooled.sum(), query)
+            served = pool.score_candidates(history, candidates)
+        results.append((pooled, grad_query, served))
+    for outside, inside in zip(*results):
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, outside, atol=0, rtol=0)
+
+
 def test_aot_specs_cover_every_option():
     names = {spec["name"] for spec in kernels.AOT_SPECS}
     for dtype in ("float32", "bfloat16", "float16"):

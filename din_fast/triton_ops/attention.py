@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from din_fast._numerics import ATTENTION_KERNEL_INDEX_LIMIT
+from din_fast._numerics import ATTENTION_KERNEL_INDEX_LIMIT, autocast_disabled
 from din_fast._running_stats import update_running_stats
 from din_fast.kernels import attention as _k
 
@@ -247,6 +247,7 @@ def _setup_context(ctx, inputs, output):
                           dice_count, *weights, *biases, *act_flat)
 
 
+@autocast_disabled  # as in the forward, for a backward called under autocast
 def _backward(ctx, grad_pooled, grad_weights, *_grad_statistics):
     (query, keys, lengths, mask, pooled, attn_weights, row_max, row_sum, dice_mean, dice_var, dice_count,
      *params) = ctx.saved_tensors
@@ -277,6 +278,7 @@ def _flatten_act_params(activation: str, act_params: Sequence[Sequence[Tensor]])
     return [p for layer in act_params for p in layer] if _PARAMS_PER_LAYER[activation] else []
 
 
+@autocast_disabled
 def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                       lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None, activation: str = "sigmoid",
                       act_params: Sequence[Sequence[Tensor]] = (), normalization: str = "none",
@@ -307,6 +309,7 @@ def attention_pooling(query: Tensor, keys: Tensor, weights: Sequence[Tensor], bi
     return pooled.to(keys.dtype), attn_weights.to(keys.dtype)
 
 
+@autocast_disabled
 def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], *,
                      activation: str = "sigmoid", act_params: Sequence[Sequence[Tensor]] = (),
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8
