@@ -14,7 +14,7 @@ network, in six stages, and writes everything flat under ``--out`` (10 files):
 3. ``bench.jsonl``, ``bench.csv``: the benchmark grid of ``benchmarks.run`` (reference,
    torch.compile, torch, triton; forward and forward+backward; float32 and one bfloat16 shape),
    stopped after ``--bench-budget`` seconds (default 330, sized so that the stages' budgets
-   add up to about 6 minutes, compile time not counted).
+   add up to about 6 minutes; the first calls' compile time counts in it).
 4. ``deepctr.jsonl``: DeepCTR-Torch's DIN training throughput before and after
    ``din_fast.integrations.deepctr_torch.patch`` (``benchmarks.deepctr``), when deepctr-torch
    imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.

@@ -236,10 +236,14 @@ def sweep(out_path: str, dry_run: bool, jobs: int, compile_budget_s: float, budg
     runners = {dtype: make_runner(shape, dtype, device) for dtype in {v["dtype"] for v in todo}}
     with open(out_path, "w") as handle:
         for index, variant in enumerate(todo):
-            if time.perf_counter() > deadline:
-                print(f"budget spent: {len(todo) - index} variants not timed", flush=True)
-                break
             row = dict(variant, shape=shape)
+            if time.perf_counter() > deadline:
+                # Written, so that the file says which variants the budget left out.
+                row["skipped"] = f"timing budget of {budget_s:.0f} s spent"
+                rows.append(row)
+                handle.write(json.dumps(row) + "\n")
+                print(format_row(row), flush=True)
+                continue
             run = runners[variant["dtype"]](variant)
             kernels = _kernels(variant)
             compiled_before = [len(compiled_resources(kernel)) for kernel in kernels]
@@ -287,6 +291,8 @@ def format_row(row: dict) -> str:
         options = f"BLOCK_T={row['block_t']} fold={row['fold']} warps={row['num_warps']}"
     else:
         options = f"BLOCK_T={row['block_t']} warps={row['num_warps']} programs/SM={row['programs_per_sm']}"
+    if "skipped" in row:
+        return f"{row['dtype']:9s} {row['kind']:9s} {options:40s} skipped: {row['skipped']}"
     if "error" in row:
         return f"{row['dtype']:9s} {row['kind']:9s} {options:40s} error: {row['error'][:200]}"
     spills = max((k.get("spills", 0) for k in row["compiled"]), default=0)

@@ -97,6 +97,8 @@ def test_mba_providers_update_the_table_alike():
     assert set(rows) == set(run.MBA_PROVIDERS)
     assert all(rows[p]["status"] == "ok" for p in ("dense", "eager_sparse", "torch")), rows
     assert rows["triton"]["status"] in ("ok", "skipped")
+    # Every fast row is checked against the dense step's table (a wrong one shows as [err]).
+    assert all(rows[p]["max_rel_err"] < 1e-6 for p in ("eager_sparse", "torch")), rows
     # From the same inputs, one step of each provider gives the same table.
     shape = dict(K=5000, D=16, B=32, L=11)
     tables = {}
@@ -252,6 +254,12 @@ def test_launch_sweep_dry_run(tmp_path):
         ("backward", False, None, True)]
     # The interpreter computes every variant in fp32: launch options may reorder sums, no more.
     assert all(r["median_ms"] > 0 and r["max_rel_diff"] < 1e-5 and r["bitwise_repeatable"] for r in rows), rows
+    # A spent budget leaves a line per variant it skipped.
+    result = subprocess.run([sys.executable, "-m", "benchmarks.launch_sweep", "--dry-run", "--out", str(out),
+                             "--budget", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
+    skipped = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(skipped) == len(rows) and all(r["skipped"].startswith("timing budget") for r in skipped), skipped
 
 
 def test_torch_backend_speedup_attention_forward_backward(benchmark):
