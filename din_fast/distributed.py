@@ -69,15 +69,28 @@ def default_group():
     return _dist().group.WORLD if is_distributed() and world_size() > 1 else None
 
 
+class _World:
+    """What a module keeps for torch.distributed's default group: the group itself cannot be
+    pickled, so a model holding it could not be deep-copied or saved whole. Pickles and copies
+    as this module's ``WORLD``."""
+
+    def __reduce__(self):
+        return "WORLD"
+
+    def __repr__(self) -> str:
+        return "din_fast.distributed.WORLD"
+
+
+WORLD = _World()
+
+
 def _resolve_group(process_group):
-    if process_group is None:
-        if not is_distributed():
-            raise ValueError("torch.distributed is not initialized (call torch.distributed.init_process_group "
-                             "first)")
-        return _dist().group.WORLD
+    """The group a collective takes: the default one for None or ``WORLD``."""
     if not is_distributed():
-        raise ValueError("process_group was given but torch.distributed is not initialized")
-    return process_group
+        raise ValueError("torch.distributed is not initialized (call torch.distributed.init_process_group first)"
+                         if process_group is None else
+                         "process_group was given but torch.distributed is not initialized")
+    return _dist().group.WORLD if process_group is None or process_group is WORLD else process_group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,10 +213,10 @@ def sync_dice_statistics(module: nn.Module, process_group=None) -> nn.Module:
     cross-sample terms over the ranks, and the running statistics move identically on every
     rank. Every rank must run every training forward and backward.
     """
-    group = _resolve_group(process_group)
+    _resolve_group(process_group)
     for child in module.modules():
         if isinstance(child, Dice):
-            child.process_group = group
+            child.process_group = WORLD if process_group is None else process_group
     return module
 
 
@@ -249,9 +262,9 @@ def data_parallel(model: nn.Module, *, device: Optional[torch.device] = None, pr
 
     group = _resolve_group(process_group)
     if sync_dice:
-        sync_dice_statistics(model, group)
+        sync_dice_statistics(model, process_group)
     if hasattr(model, "mba_process_group"):
-        model.mba_process_group = group
+        model.mba_process_group = WORLD if process_group is None else process_group
     device_ids = [device] if device is not None and torch.device(device).type == "cuda" else None
     # Newer torch names the option forward_sync_buffers (and deprecates broadcast_buffers).
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:

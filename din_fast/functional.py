@@ -96,7 +96,8 @@ def _training_process_group(process_group, training: bool) -> dict:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialized "
                          "(call torch.distributed.init_process_group first)")
-    return {"process_group": process_group}
+    from .distributed import WORLD
+    return {"process_group": dist.group.WORLD if process_group is WORLD else process_group}
 
 
 def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,

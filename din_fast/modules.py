@@ -35,7 +35,9 @@ class Dice(nn.Module):
             normalized input before the sigmoid, as the peer libraries' Dice (a ``BatchNorm1d``)
             does; the paper's Dice has none.
         process_group: a ``torch.distributed`` group whose ranks share the training statistics
-            (``nn.SyncBatchNorm``'s semantics); None (the default) keeps them per process. See
+            (``nn.SyncBatchNorm``'s semantics), or ``din_fast.distributed.WORLD`` for the default
+            group (what ``sync_dice_statistics`` sets: unlike the group, it survives
+            ``copy.deepcopy`` and pickling); None (the default) keeps them per process. See
             ``din_fast.distributed.sync_dice_statistics``.
         backend: see ``din_fast.backend``.
 

@@ -368,9 +368,9 @@ class MBASGD(torch.optim.Optimizer):
       looked up by several modules is given once per module, with the same counts. A dense
       gradient that is nonzero off the recorded rows (the table also used another way, as a
       tied weight or through a module not given) makes ``step`` raise, as does one with no
-      recorded ids; a table whose gradient is all zero is taken as unused by the batch (as
-      after ``zero_grad(set_to_none=False)``) and left alone, eq. 7's penalty included, whether
-      or not the batch looked it up.
+      recorded ids; a table with no recorded ids whose gradient is all zero is taken as unused
+      by the batch (as after ``zero_grad(set_to_none=False)``) and left alone, eq. 7's penalty
+      included.
 
     Data parallel (``DistributedDataParallel``, which averages the gradients): the global
     mini-batch is the union of the ranks' batches, so each step unites the rows of every rank

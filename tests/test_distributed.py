@@ -8,8 +8,10 @@ which saves each rank's results; each test then computes the one-process expecta
 compares. Everything runs in float64 against the float64 tolerances of ``din_fast.testing``.
 """
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +161,17 @@ def _broadcast_case(rank: int) -> list:
     return [module.running_mean, module.num_batches_tracked]
 
 
+def _copy_case(rank: int) -> list:
+    """A module synchronized over the world, deep-copied and pickled: the copy still shares the
+    statistics (both run a training forward over both ranks' rows)."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), Dice(4, backend="torch")).to(F64)
+    distributed.sync_dice_statistics(module)
+    duplicate = pickle.loads(pickle.dumps(copy.deepcopy(module)))
+    x = torch.randn(5 + rank, 3, dtype=F64, generator=torch.Generator().manual_seed(rank))
+    return [module(x).detach(), duplicate(x).detach(), torch.tensor(duplicate[1].process_group is distributed.WORLD)]
+
+
 def _rank_main(rank: int, store: str, out: str, seed: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -172,6 +185,7 @@ def _rank_main(rank: int, store: str, out: str, seed: int) -> None:
             "din adam": _train_din("adam", seed, rank, WORLD),
             "din mbasgd": _train_din("mbasgd", seed, rank, WORLD),
             "buffers": _broadcast_case(rank),
+            "copy": _copy_case(rank),
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -198,9 +212,19 @@ def test_union_ids(two_ranks):
         for r in range(WORLD):
             union = ranks[r]["union"][name]
             assert union.dtype == torch.int64 and union.tolist() == ids, (name, r)
-        assert [t.tolist() for t in ranks[r]["union"]["tables"]] == [[0, 1, 4, 9], [0, 3, 4]]
+            assert [t.tolist() for t in ranks[r]["union"]["tables"]] == [[0, 1, 4, 9], [0, 3, 4]]
     with pytest.raises(ValueError, match="not initialized"):
         distributed.union_ids(torch.tensor([1, 2]))
+
+
+def test_a_synchronized_module_survives_deepcopy_and_pickle(two_ranks):
+    # The default group is kept as din_fast.distributed.WORLD, which pickles; the group itself
+    # does not.
+    _, ranks = two_ranks
+    for rank in ranks:
+        original, duplicate, is_world = rank["copy"]
+        assert bool(is_world)
+        torch.testing.assert_close(duplicate, original, atol=0, rtol=0)
 
 
 def test_broadcast_buffers_takes_the_first_ranks(two_ranks):
