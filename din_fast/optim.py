@@ -28,7 +28,6 @@ bad input raises ``TypeError``/``ValueError`` naming the argument and leaves the
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union

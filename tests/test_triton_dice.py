@@ -7,7 +7,7 @@ import torch
 
 import din_fast
 from din_fast import reference
-from din_fast.testing import TOLERANCES, assert_close, nan_filled
+from din_fast.testing import assert_close, nan_filled
 
 triton = pytest.importorskip("triton")
 from din_fast.kernels import dice as _k  # noqa: E402
