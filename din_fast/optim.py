@@ -366,7 +366,8 @@ class MBASGD(torch.optim.Optimizer):
       ``F.embedding`` needs ``optimizer.record_ids(weight, ids)`` once per lookup. A table
       looked up by several modules is given once per module, with the same counts. A dense
       gradient that is nonzero off the recorded rows (the table also used another way, as a
-      tied weight or through a module not given) makes ``step`` raise, as does one with no
+      tied weight or through a module not given) makes ``step`` raise (a value check, one
+      pass over the gradient, skipped with ``DIN_FAST_VALUE_CHECKS=0``), as does one with no
       recorded ids; a table with no recorded ids whose gradient is all zero is taken as unused
       by the batch (as after ``zero_grad(set_to_none=False)``) and left alone, eq. 7's penalty
       included.
