@@ -6,7 +6,9 @@ pooling, the speed-up of each provider over the eager reference
 * against the sequence length T (at the most common B and D of the file), and
 * against the embedding size D (at the most common B and T),
 
-one PNG per (mode, dtype, device). When a file holds several runs of the same row, the latest wins.
+one PNG per (mode, dtype, device, activation, lengths): rows of other activations or of other
+valid lengths (``--lengths uniform``) are never set against each other. When a file holds several
+runs of the same row, the latest wins.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _COLORS = {"compile": "tab:orange", "torch": "tab:blue", "triton": "tab:green"}
 
 def load_rows(path: str) -> List[dict]:
     """The ``ok`` rows of a JSONL file, the last measurement of each (op, provider, mode, shape,
-    dtype, device) kept."""
+    dtype, activation, device) kept."""
     latest: Dict[tuple, dict] = {}
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -36,7 +38,8 @@ def load_rows(path: str) -> List[dict]:
         row = json.loads(line)
         if row.get("status") != "ok" or "shape_dict" not in row:
             continue
-        key = (row["op"], row["provider"], row["mode"], row["shape"], row["dtype"], row["device_name"])
+        key = (row["op"], row["provider"], row["mode"], row["shape"], row["dtype"], row.get("activation"),
+               row["device_name"])
         latest[key] = row
     return list(latest.values())
 
@@ -67,8 +70,14 @@ def plot_file(path: str, out_dir: str) -> List[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for mode, dtype, device in sorted({(r["mode"], r["dtype"], r["device_name"]) for r in rows}):
-        subset = [r for r in rows if (r["mode"], r["dtype"], r["device_name"]) == (mode, dtype, device)]
+
+    def variant(row):
+        return (row["mode"], row["dtype"], row["device_name"], row.get("activation") or "sigmoid",
+                row["shape_dict"].get("lengths", "full"))
+
+    for mode, dtype, device, activation, lengths in sorted({variant(r) for r in rows}):
+        subset = [r for r in rows if variant(r) == (mode, dtype, device, activation, lengths)]
+        options = "" if (activation, lengths) == ("sigmoid", "full") else f", {activation}, lengths {lengths}"
         for sweep, others, label in (("T", ("B", "D"), "sequence length T"), ("D", ("B", "T"), "embedding size D")):
             fixed = {k: _most_common(subset, k) for k in others}
             series = speedup_series(subset, sweep, fixed)
@@ -86,10 +95,10 @@ def plot_file(path: str, out_dir: str) -> List[Path]:
             ax.set_xlabel(label)
             ax.set_ylabel("speed-up over eager reference")
             held = ", ".join(f"{k}={v}" for k, v in fixed.items())
-            ax.set_title(f"attention {mode}, {dtype}, {held}\n{device}", fontsize=9)
+            ax.set_title(f"attention {mode}, {dtype}{options}, {held}\n{device}", fontsize=9)
             ax.legend()
             fig.tight_layout()
-            slug = f"attention_{mode.replace('+', '_')}_{dtype}_vs_{sweep}_{_slug(device)}.png"
+            slug = f"attention_{mode.replace('+', '_')}_{dtype}{_slug(options)}_vs_{sweep}_{_slug(device)}.png"
             fig.savefig(out / slug, dpi=120)
             plt.close(fig)
             written.append(out / slug)

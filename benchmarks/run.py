@@ -58,7 +58,8 @@ MBA_PROVIDERS = ("dense", "eager_sparse", "torch", "triton")
 HIDDEN = (80, 40)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "device_name", "status", "reason", "median_ms",
+CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "activation", "device", "device_name", "status", "reason",
+              "median_ms",
               "p20_ms", "p80_ms", "peak_mem_mb", "max_rel_err", "flops", "bytes", "lower_bound_ms",
               "roofline_fraction", "achieved_tflops", "achieved_gbps", "bound", "torch", "triton", "commit",
               "timestamp")
@@ -463,7 +464,8 @@ def run_benchmarks(config: RunConfig, emit: Callable[[dict], None] = lambda row:
                 if config.providers and provider not in config.providers and provider not in ("reference", "dense"):
                     continue
                 row = dict(op=op, provider=provider, mode=mode, shape=shape_label(shape), shape_dict=shape,
-                           dtype=dtype_name, **env, status="ok", reason="",
+                           dtype=dtype_name, activation=config.activation if op in ("attention", "serving") else None,
+                           **env, status="ok", reason="",
                            timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
                 if deadline is not None and time.perf_counter() > deadline:
                     row.update(status="skipped", reason=f"time budget of {config.time_budget_s:.0f} s spent")

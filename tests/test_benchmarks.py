@@ -130,6 +130,16 @@ def test_table_has_ratio_columns_and_plot_draws_sweeps(tmp_path):
     assert len(written) == 1 and "vs_T" in written[0].name
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.speedup_series(plot.load_rows(str(path)), "T", dict(B=1024, D=36)) == {"torch": [(50, 2.0), (100, 2.5)]}
+    # A run with drawn lengths and one with another activation in the same file: plots of their
+    # own, each provider set against its own reference.
+    others = [dict(row, shape_dict=dict(row["shape_dict"], lengths="uniform"), median_ms=row["median_ms"] * 3)
+              for row in rows] + [dict(row, activation="dice", median_ms=row["median_ms"] * 5) for row in rows]
+    for row in others:
+        row["shape"] = run.shape_label(row["shape_dict"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + others))
+    written = plot.plot_file(str(path), str(tmp_path / "plots"))
+    assert len(written) == 3 and sum("uniform" in p.name for p in written) == 1 and \
+        sum("dice" in p.name for p in written) == 1, written
 
 
 @pytest.mark.parametrize("has_xdist,cpus,dry_run,expected", [
