@@ -87,9 +87,9 @@ WORLD = _World()
 def _resolve_group(process_group):
     """The group a collective takes: the default one for None or ``WORLD``."""
     if not is_distributed():
-        raise ValueError("torch.distributed is not initialized (call torch.distributed.init_process_group first)"
-                         if process_group is None else
-                         "process_group was given but torch.distributed is not initialized")
+        given = "" if process_group is None else "process_group was given but "
+        raise ValueError(f"{given}torch.distributed is not initialized (call torch.distributed.init_process_group "
+                         f"first)")
     return _dist().group.WORLD if process_group is None or process_group is WORLD else process_group
 
 

@@ -89,15 +89,13 @@ def _attention_kernel_unsupported(seq_len: int, dim: int, weights: Sequence[Tens
 
 
 def _training_process_group(process_group, training: bool) -> dict:
-    """The ``process_group`` keyword for the op: only training statistics are synchronized."""
+    """The ``process_group`` keyword for the op (``din_fast.distributed.WORLD`` resolved): only
+    training statistics are synchronized."""
     if process_group is None or not training:
         return {}
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group was given but torch.distributed is not initialized "
-                         "(call torch.distributed.init_process_group first)")
-    from .distributed import WORLD
-    return {"process_group": dist.group.WORLD if process_group is WORLD else process_group}
+    # Imported here: din_fast.distributed imports the modules, which import this one.
+    from .distributed import _resolve_group
+    return {"process_group": _resolve_group(process_group)}
 
 
 def _check_mlp(embedding_dim: int, weights: Sequence[Tensor], biases: Sequence[Tensor], activation: str,
