@@ -162,12 +162,12 @@ def _chunked_bwd_kernel(query_ptr, keys_ptr, u_ptr, wkd_ptr, wp_ptr, w2_ptr, b2_
     Inputs as in the forward, plus grad_pooled ``[B, D]`` fp32, grad_weights ``[B, T]`` fp32,
     and for softmax the forward's fp32 weights ``[B, T]`` and ``delta_b = sum_t w_t dL/dw_t``
     ``[B]`` fp32: the weights are read, not recomputed, so that the backward differentiates the
-    very weights the forward pooled with (a sample with one valid position gets w = 1 exactly). PASS 1 writes grad_keys ``[B, T, D]`` (zero past each sample's span) and adds
-    into zeroed fp32 buffers grad_u ``[B, H1]`` (``sum_t dz1``) and this program's partials of
-    b2 and the score weight ``[P, H2]``, the score bias ``[P]``, the PReLU weights
-    ``[P, 2, HMAX]``; PASS 2 adds into grad_query ``[B, D]`` (the query's share through ``Wp``)
-    and this program's ``sum dz1^T k`` and ``sum dz1^T (k * q)`` ``[P, H1, D]`` and W2
-    ``[P, H2, H1]``."""
+    very weights the forward pooled with (a sample with one valid position gets w = 1 exactly).
+    PASS 1 writes grad_keys ``[B, T, D]`` (zero past each sample's span) and adds into zeroed
+    fp32 buffers grad_u ``[B, H1]`` (``sum_t dz1``) and this program's partials of b2 and the
+    score weight ``[P, H2]``, the score bias ``[P]``, the PReLU weights ``[P, 2, HMAX]``; PASS 2
+    adds into grad_query ``[B, D]`` (the query's share through ``Wp``) and this program's
+    ``sum dz1^T k`` and ``sum dz1^T (k * q)`` ``[P, H1, D]`` and W2 ``[P, H2, H1]``."""
     pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
@@ -324,8 +324,8 @@ def attention_forward_backward(query: torch.Tensor, keys: torch.Tensor, weights:
     upstream gradient ``grad_pooled`` ``[B, D]`` (none for the weights): the forward above, then
     ``_chunked_bwd_kernel`` on ``programs`` persistent programs."""
     mlp, span, u = _prepare(query, keys, weights, biases, lengths, activation, act_params)
-    pooled, attn = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale,
-                                           block_t, h_chunk, num_warps, None)
+    pooled, attn = _forward(query, keys, mlp, span, u, activation, normalization, softmax_scale, block_t, h_chunk,
+                            num_warps, None)
     batch, seq_len, dim = keys.shape
     (h1, h2), device = mlp.hidden, keys.device
     programs = max(1, min(programs, batch))

@@ -59,8 +59,7 @@ HIDDEN = (80, 40)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 CSV_FIELDS = ("op", "provider", "mode", "shape", "dtype", "activation", "device", "device_name", "status", "reason",
-              "median_ms",
-              "p20_ms", "p80_ms", "peak_mem_mb", "max_rel_err", "flops", "bytes", "lower_bound_ms",
+              "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "max_rel_err", "flops", "bytes", "lower_bound_ms",
               "roofline_fraction", "achieved_tflops", "achieved_gbps", "bound", "torch", "triton", "commit",
               "timestamp")
 

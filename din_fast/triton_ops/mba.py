@@ -161,6 +161,6 @@ def mba_sgd_fused_(weight: Tensor, ids: Tensor, grad_rows: Tensor, counts: Tenso
     if padding_idx is not None:
         keep = rows != padding_idx
         rows, seg_start, seg_end = rows[keep], seg_start[keep], seg_end[keep]
-    _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(ids.numel(), weight.shape[1])), order, seg_start, seg_end,
-                        rows, _row_counts(counts, rows, weight.dtype), lam, lr)
+    _k.mba_sgd_segment_(weight, _unit_stride(grad_rows.reshape(ids.numel(), weight.shape[1])), order, seg_start,
+                        seg_end, rows, _row_counts(counts, rows, weight.dtype), lam, lr)
     return _written(weight)
