@@ -217,7 +217,7 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
                      normalization: str = "none", softmax_scale: float = 1.0, eps: float = 1e-8,
                      backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """Serving: one user's ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with inference
-    semantics; the history is read once, never copied per candidate.
+    semantics; the history is never copied per candidate.
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """

@@ -187,7 +187,7 @@ class _InterestModel(nn.Module):
     def score_candidates(self, user: Tensor, history: Tensor, candidates: Tensor,
                          return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
         """Click probabilities of ``C`` candidates for one user, inference semantics (call
-        ``eval()`` first). The history is embedded and read once for all candidates.
+        ``eval()`` first). The history is embedded once for all candidates.
 
         Args:
             user: ``[F]`` int64 profile ids.

@@ -497,10 +497,11 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold; 16-bit
     inputs compute in float32 (outputs in their dtype), and autocast does not apply.
 
-    Every candidate's first layer comes from one ``[T, D] x [D, C * H1]`` product against the
-    candidates' ``M_c`` side by side, with ``u_c`` as the product's bias row, so the history is
-    read once and no ``[T, C, H1]`` term is added afterwards. Rows are laid out time-major
-    (``[T, C]``) for that product.
+    The candidates' first layer comes from one ``[T, D] x [D, C * H1]`` product against their
+    ``M_c`` side by side, with ``u_c`` as the product's bias row, so no ``[T, C, H1]`` term is
+    added afterwards. Rows are laid out time-major (``[T, C]``) for that product. On the CPU the
+    candidates go in blocks of about ``BLOCK_ROWS`` pairs (one product each), as the training
+    path's samples do, so that a block's layers stay in the cache.
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """
@@ -513,10 +514,12 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
         return pooled.to(history.dtype), attn.to(history.dtype)
     (seq_len, dim), num_candidates = history.shape, candidates.shape[0]
     w_u, w_k, w_p = _split_first_layer(weights[0], dim)
-    folds = _transposed_fold(candidates, w_k, w_p).view(-1, dim).t()
-    h1 = torch.addmm(F.linear(candidates, w_u, biases[0]).view(1, -1), history, folds)
-    h1 = h1.view(seq_len, num_candidates, w_k.shape[0])
-    scores = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps).t()
+    query_bias = F.linear(candidates, w_u, biases[0])
+    scores = history.new_empty(num_candidates, seq_len)
+    for start, end in _row_blocks(num_candidates, seq_len, None, history.device):
+        folds = _transposed_fold(candidates[start:end], w_k, w_p).view(-1, dim).t()
+        h1 = torch.addmm(query_bias[start:end].reshape(1, -1), history, folds).view(seq_len, end - start, -1)
+        scores[start:end] = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps).t()
     attn = _normalize(scores, None, normalization, softmax_scale)
     return attn @ history, attn
 

@@ -205,6 +205,17 @@ def test_score_candidates_matches_reference(dtype, activation, dice_affine, norm
     assert_close(attn, ref[1], dtype, "weights")
 
 
+@pytest.mark.parametrize("block_rows", [1, 20])
+@pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("prelu", False), ("dice", True)])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_score_candidates_in_blocks_matches_reference(monkeypatch, block_rows, activation, dice_affine,
+                                                      normalization):
+    """The candidates in blocks of one (``BLOCK_ROWS`` below T = 9) and of two with a last block
+    of one (5 candidates, 20 // 9 = 2 per block) against the float64 reference."""
+    monkeypatch.setattr(torch_ops, "BLOCK_ROWS", block_rows)
+    test_score_candidates_matches_reference(torch.float32, activation, dice_affine, normalization, 0.5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 5), (1, 3), (6, 4, 80), (2, 1, 40)])
 @pytest.mark.parametrize("masked", [False, True])
@@ -322,9 +333,9 @@ def test_gradcheck_torch_dice_and_mba():
     assert torch.autograd.gradcheck(lambda w: torch_ops.mba_penalty(w, ids, counts, 0.5), (weight,))
 
 
-def test_score_candidates_reads_history_once_per_request():
-    """The serving path's first layer is one product of the history against every candidate's
-    fold: C * T * D * H1 multiply-adds plus C * D * H1 for the candidates' own terms, never
+def test_score_candidates_folds_the_first_layer():
+    """The serving path's first layer is the history's product with the candidates' folds:
+    C * T * D * H1 multiply-adds plus C * D * H1 for the candidates' own terms, never
     C * T * 4D * H1."""
     weights, biases, _ = random_attention_mlp(36, (80, 40), "sigmoid")
     history, candidates = torch.randn(100, 36), torch.randn(200, 36)
