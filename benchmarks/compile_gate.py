@@ -182,6 +182,15 @@ def _compile_options(spec: dict) -> dict:
     return options
 
 
+def aligned_pointer_attrs(fn, signature: Dict[str, str]) -> dict:
+    """The argument attributes of the variant Triton compiles at run time when every pointer is
+    16-byte aligned: ``tt.divisibility`` 16 on each pointer the kernel specializes on alignment
+    (``jit_aligned_pointers``; none for ``jit_unspecialized`` kernels)."""
+    return {(index,): [["tt.divisibility", 16]] for index, param in enumerate(fn.params)
+            if not param.is_constexpr and str(signature.get(param.name, "")).startswith("*")
+            and not param.do_not_specialize and not param.do_not_specialize_on_alignment}
+
+
 def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
     """Compiles one spec for ``sm_<cc>`` and reads its resources; errors land in the report."""
     import triton
@@ -196,7 +205,8 @@ def compile_spec(spec: dict, cc: int, source: str = "") -> KernelReport:
     start = time.perf_counter()
     try:
         compiled = triton.compile(
-            ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec.get("constexprs", {}))),
+            ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec.get("constexprs", {})),
+                      attrs=aligned_pointer_attrs(spec["fn"], spec["signature"])),
             target=GPUTarget("cuda", cc, 32), options=_compile_options(spec))
         resources = cubin_resources(compiled.asm["cubin"])
     except Exception as err:  # a failed compile is a result of the gate, not a crash of it

@@ -20,3 +20,18 @@ def jit_unspecialized(fn):
     runtime_args = [name for name, param in inspect.signature(fn).parameters.items()
                     if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
     return triton.jit(fn, do_not_specialize=runtime_args, do_not_specialize_on_alignment=runtime_args)
+
+
+def jit_aligned_pointers(fn):
+    """``@triton.jit`` that specializes the pointers (the arguments named ``*_ptr``) on 16-byte
+    alignment and no scalar on its value.
+
+    The launchers of such a kernel pass only 16-byte-aligned pointers, so each set of constexprs
+    and launch options still compiles to one kernel: the one the compile gate compiles with every
+    pointer marked aligned. That alignment, with a row width the kernel knows to be a multiple of
+    its vector width, lets its loads and stores move 16 bytes per instruction.
+    """
+    runtime_args = [name for name, param in inspect.signature(fn).parameters.items()
+                    if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
+    scalars = [name for name in runtime_args if not name.endswith("_ptr")]
+    return triton.jit(fn, do_not_specialize=scalars, do_not_specialize_on_alignment=scalars)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from din_fast._numerics import DICE_KERNEL_MAX_POSITIONS
-from din_fast.kernels._jit import jit_unspecialized
+from din_fast.kernels._jit import jit_aligned_pointers
 
 Tensor = torch.Tensor
 # (BLOCK_M, BLOCK_C, num_warps) of the one-launch path: BLOCK_M is the most rows it holds.
@@ -167,6 +167,15 @@ def _load_valid(mask_ptr, rows, row_ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _row_width(C, VEC: tl.constexpr):
+    """``C``, known to the compiler as a multiple of ``VEC`` (the launcher picks VEC dividing C):
+    with 16-byte-aligned pointers, rows of ``[M, C]`` and ``[num_chunks, C]`` tensors then start
+    on VEC-element boundaries and the column masks are constant over VEC columns, so the loads
+    and stores move VEC elements at once (128-bit for fp32, 64-bit for 16-bit inputs)."""
+    return (C // VEC) * VEC
+
+
+@triton.jit
 def _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """All M rows of channel block ``pid_c`` for the one-launch kernels: rows [BLOCK_M], cols
     [BLOCK_C], their masks, the tile mask, the int32 offsets and x upcast to fp32."""
@@ -180,12 +189,14 @@ def _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M: tl.constexpr, BLOCK_C: tl.conste
     return rows, cols, row_ok, col_ok, tile_ok, offs, x
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, var_ptr,
                                   count_ptr, run_mean_ptr, run_var_ptr, M, C, momentum, eps, HAS_MASK: tl.constexpr,
-                                  AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  VEC: tl.constexpr):
     """Training forward for M <= BLOCK_M: statistics, running update and output in one launch.
     Grid: (cdiv(C, BLOCK_C),). Needs M * C < 2**31."""
+    C = _row_width(C, VEC)
     pid_c = tl.program_id(0)
     rows, cols, row_ok, col_ok, tile_ok, offs, x = _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M, BLOCK_C)
     valid = _load_valid(mask_ptr, rows, row_ok, HAS_MASK)
@@ -200,11 +211,13 @@ def _dice_forward_one_pass_kernel(x_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_p
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_forward_stats_kernel(x_ptr, mask_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, M, C, tiles_per_chunk,
-                               HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                               HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                               VEC: tl.constexpr):
     """Per-chunk moments: partials [num_chunks, C] (fp32 mean, m2) and [num_chunks] int32 counts.
     Grid: (num_chunks, cdiv(C, BLOCK_C)); chunk k covers tiles [k * tiles_per_chunk, ...)."""
+    C = _row_width(C, VEC)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -227,12 +240,14 @@ def _dice_forward_stats_kernel(x_ptr, mask_ptr, part_mean_ptr, part_m2_ptr, part
     tl.store(part_count_ptr + pid_m, count, mask=pid_c == 0)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_forward_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr, count_ptr,
                                  run_mean_ptr, run_var_ptr, C, num_chunks, momentum, BLOCK_K: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
+                                 BLOCK_C: tl.constexpr,
+                                 VEC: tl.constexpr):
     """Reduces the chunk moments to mean, var [C] and the count, and updates the running
     statistics. Grid: (cdiv(C, BLOCK_C),)."""
+    C = _row_width(C, VEC)
     pid_c = tl.program_id(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -262,11 +277,13 @@ def _dice_forward_combine_kernel(part_mean_ptr, part_m2_ptr, part_count_ptr, mea
                          run_var_ptr, momentum)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_forward_apply_kernel(x_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, y_ptr, M, C, tiles_per_chunk,
-                               eps, AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                               eps, AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                               VEC: tl.constexpr):
     """Elementwise ``y`` from per-channel fp32 mean and var (batch or running).
     Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    C = _row_width(C, VEC)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -291,13 +308,15 @@ def _dice_forward_apply_kernel(x_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr,
 # ----------------------------------------------------------------------------------------------
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
                                    count_ptr, dx_ptr, dalpha_ptr, dweight_ptr, dbias_ptr, M, C, eps,
                                    HAS_MASK: tl.constexpr, TRAINING: tl.constexpr, AFFINE: tl.constexpr,
-                                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                   VEC: tl.constexpr):
     """dx, dalpha and with ``AFFINE`` dweight, dbias (fp32 [C]) for M <= BLOCK_M in one launch.
     Grid: (cdiv(C, BLOCK_C),). Needs M * C < 2**31."""
+    C = _row_width(C, VEC)
     pid_c = tl.program_id(0)
     rows, cols, row_ok, col_ok, tile_ok, offs, x = _one_pass_tile(x_ptr, M, C, pid_c, BLOCK_M, BLOCK_C)
     g = tl.load(g_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -329,13 +348,15 @@ def _dice_backward_one_pass_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr
         tl.store(dbias_ptr + cols, sum_gate, mask=col_ok)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_backward_reduce_kernel(x_ptr, g_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr, part_gate_ptr,
                                  part_gate_xhat_ptr, part_dalpha_ptr, M, C, tiles_per_chunk, eps, AFFINE: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 VEC: tl.constexpr):
     """Training: per-chunk sums over all rows of ``g_z``, ``g_z * xhat`` (the partials of dbias
     and dweight) and dalpha's terms, fp32 partials [num_chunks, C].
     Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    C = _row_width(C, VEC)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -365,13 +386,15 @@ def _dice_backward_reduce_kernel(x_ptr, g_ptr, alpha_ptr, weight_ptr, bias_ptr, 
     tl.store(part_dalpha_ptr + part, sum_dalpha, mask=col_ok)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_backward_combine_kernel(part_gate_ptr, part_gate_xhat_ptr, part_dalpha_ptr, count_ptr, weight_ptr,
                                   coef_mean_ptr, coef_var_ptr, dalpha_ptr, dweight_ptr, dbias_ptr, C, num_chunks,
                                   TRAINING: tl.constexpr, AFFINE: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_C: tl.constexpr):
+                                  BLOCK_C: tl.constexpr,
+                                  VEC: tl.constexpr):
     """Sums the chunk partials: dalpha [C]; with ``AFFINE`` dbias and dweight [C]; in training
     the correction coefficients ``S1 / n`` and ``S2 / n`` [C]. Grid: (cdiv(C, BLOCK_C),)."""
+    C = _row_width(C, VEC)
     pid_c = tl.program_id(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -398,15 +421,17 @@ def _dice_backward_combine_kernel(part_gate_ptr, part_gate_xhat_ptr, part_dalpha
         tl.store(coef_var_ptr + cols, _gate_to_xhat(sum_gate_xhat, weight, AFFINE) * inv_count, mask=col_ok)
 
 
-@jit_unspecialized
+@jit_aligned_pointers
 def _dice_backward_apply_kernel(x_ptr, g_ptr, mask_ptr, alpha_ptr, weight_ptr, bias_ptr, mean_ptr, var_ptr,
                                 coef_mean_ptr, coef_var_ptr, dx_ptr, part_dalpha_ptr, part_gate_ptr,
                                 part_gate_xhat_ptr, M, C, tiles_per_chunk, eps, HAS_MASK: tl.constexpr,
                                 TRAINING: tl.constexpr, AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+                                BLOCK_C: tl.constexpr,
+                                VEC: tl.constexpr):
     """Elementwise dx. Training applies the correction ``rstd * (S1 + xhat * S2) / n`` on the
     valid rows; inference has none and instead writes dalpha partials [num_chunks, C] (and with
     ``AFFINE`` those of dbias and dweight). Grid: (num_chunks, cdiv(C, BLOCK_C))."""
+    C = _row_width(C, VEC)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -485,6 +510,20 @@ def _chunking(rows: int, tiles_per_chunk: Optional[int]) -> Tuple[int, int]:
     return tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
 
 
+# Elements per load and store where the channel count allows (``_row_width``).
+VECTOR_WIDTH = 4
+
+
+def _vector_width(channels: int) -> int:
+    """The kernels' ``VEC``: ``VECTOR_WIDTH`` where it divides the channel count, else 1."""
+    return VECTOR_WIDTH if channels % VECTOR_WIDTH == 0 else 1
+
+
+def _check_aligned(*tensors: Tensor) -> None:
+    # The kernels specialize their pointers on 16-byte alignment; the gate compiled that variant.
+    assert all(t.data_ptr() % 16 == 0 for t in tensors), "the kernels take 16-byte-aligned tensors"
+
+
 def _check_2d(x: Tensor) -> Tuple[int, int]:
     assert x.dim() == 2 and x.is_contiguous(), "launchers take x as a contiguous [M, C] tensor"
     rows, channels = x.shape
@@ -554,12 +593,14 @@ def dice_forward_training(x: Tensor, alpha: Tensor, mask: Optional[Tensor], runn
         running_var = torch.zeros(channels, dtype=torch.float32, device=x.device)
     has_mask = mask is not None
     mask_arg = mask if has_mask else x
+    _check_aligned(x, alpha, weight, bias, y, mean, var, count, running_mean, running_var, mask_arg)
+    vec = _vector_width(channels)
     config = _one_pass_config(rows, channels, one_pass_max_rows)
     if config is not None:
         block_m, block_c, warps = config
         _dice_forward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
             x, mask_arg, alpha, weight, bias, y, mean, var, count, running_mean, running_var, rows, channels, momentum,
-            eps, HAS_MASK=has_mask, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+            eps, HAS_MASK=has_mask, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec, num_warps=warps)
         return y, mean, var, count
     tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
     channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
@@ -568,13 +609,13 @@ def dice_forward_training(x: Tensor, alpha: Tensor, mask: Optional[Tensor], runn
     part_count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
     _dice_forward_stats_kernel[(num_chunks, channel_blocks)](
         x, mask_arg, part_mean, part_m2, part_count, rows, channels, tiles_per_chunk, HAS_MASK=has_mask,
-        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
     _dice_forward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
         part_mean, part_m2, part_count, mean, var, count, running_mean, running_var, channels, num_chunks, momentum,
-        BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS)
+        BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C, VEC=vec, num_warps=COMBINE_WARPS)
     _dice_forward_apply_kernel[(num_chunks, channel_blocks)](
         x, alpha, weight, bias, mean, var, y, rows, channels, tiles_per_chunk, eps, AFFINE=affine,
-        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
     return y, mean, var, count
 
 
@@ -588,10 +629,12 @@ def dice_forward_inference(x: Tensor, alpha: Tensor, mean: Tensor, var: Tensor, 
     _check_channel_vectors(channels, alpha, mean, var)
     affine, weight, bias = _affine_args(channels, weight, bias, alpha)
     y = _output(out, x)
+    _check_aligned(x, alpha, weight, bias, mean, var, y)
+    vec = _vector_width(channels)
     tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
     _dice_forward_apply_kernel[(num_chunks, triton.cdiv(channels, MULTI_BLOCK_C))](
         x, alpha, weight, bias, mean, var, y, rows, channels, tiles_per_chunk, eps, AFFINE=affine,
-        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+        BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
     return y
 
 
@@ -629,13 +672,15 @@ def dice_backward(x: Tensor, grad: Tensor, alpha: Tensor, mask: Optional[Tensor]
     has_mask = training and mask is not None
     mask_arg = mask if has_mask else x
     count_arg = count if training else mean
+    _check_aligned(x, grad, mask_arg, alpha, weight, bias, mean, var, count_arg, dx, dalpha, dweight_arg, dbias_arg)
+    vec = _vector_width(channels)
     config = _one_pass_config(rows, channels, one_pass_max_rows)
     if config is not None:
         block_m, block_c, warps = config
         _dice_backward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
             x, grad, mask_arg, alpha, weight, bias, mean, var, count_arg, dx, dalpha, dweight_arg, dbias_arg, rows,
             channels, eps, HAS_MASK=has_mask, TRAINING=training, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
-            num_warps=warps)
+            VEC=vec, num_warps=warps)
         return dx, dalpha, dweight, dbias
     tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
     channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
@@ -650,24 +695,24 @@ def dice_backward(x: Tensor, grad: Tensor, alpha: Tensor, mask: Optional[Tensor]
         coef_var = torch.empty_like(coef_mean)
         _dice_backward_reduce_kernel[(num_chunks, channel_blocks)](
             x, grad, alpha, weight, bias, mean, var, part_gate, part_gate_xhat, part_dalpha, rows, channels,
-            tiles_per_chunk, eps, AFFINE=affine, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+            tiles_per_chunk, eps, AFFINE=affine, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
         _dice_backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
             part_gate, part_gate_xhat, part_dalpha, count, weight, coef_mean, coef_var, dalpha, dweight_arg,
             dbias_arg, channels, num_chunks, TRAINING=True, AFFINE=affine, BLOCK_K=COMBINE_BLOCK_K,
-            BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS)
+            BLOCK_C=COMBINE_BLOCK_C, VEC=vec, num_warps=COMBINE_WARPS)
         _dice_backward_apply_kernel[(num_chunks, channel_blocks)](
             x, grad, mask_arg, alpha, weight, bias, mean, var, coef_mean, coef_var, dx, part_dalpha, part_gate,
             part_gate_xhat, rows, channels, tiles_per_chunk, eps, HAS_MASK=has_mask, TRAINING=True, AFFINE=affine,
-            BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+            BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
         return dx, dalpha, dweight, dbias
     _dice_backward_apply_kernel[(num_chunks, channel_blocks)](
         x, grad, x, alpha, weight, bias, mean, var, mean, var, dx, part_dalpha, part_gate, part_gate_xhat, rows,
         channels, tiles_per_chunk, eps, HAS_MASK=False, TRAINING=False, AFFINE=affine, BLOCK_M=MULTI_BLOCK_M,
-        BLOCK_C=MULTI_BLOCK_C, num_warps=MULTI_WARPS)
+        BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
     _dice_backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
         part_gate, part_gate_xhat, part_dalpha, mean, weight, mean, mean, dalpha, dweight_arg, dbias_arg, channels,
         num_chunks, TRAINING=False, AFFINE=affine, BLOCK_K=COMBINE_BLOCK_K, BLOCK_C=COMBINE_BLOCK_C,
-        num_warps=COMBINE_WARPS)
+        VEC=vec, num_warps=COMBINE_WARPS)
     return dx, dalpha, dweight, dbias
 
 
@@ -768,4 +813,15 @@ def _aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs()
+def _with_vector_widths(specs):
+    """Each spec at every ``VEC`` the launchers pick: 1, and ``VECTOR_WIDTH`` (name ``..._vec4``)."""
+    out = []
+    for spec in specs:
+        for vec in (1, VECTOR_WIDTH):
+            out.append(dict(spec, name=spec["name"] + (f"_vec{vec}" if vec > 1 else ""),
+                            signature=dict(spec["signature"], VEC="constexpr"),
+                            constexprs=dict(spec["constexprs"], VEC=vec)))
+    return out
+
+
+AOT_SPECS = _with_vector_widths(_aot_specs())

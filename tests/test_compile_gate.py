@@ -161,17 +161,29 @@ def test_gate_compiles_with_the_specs_pipelining_depth(tmp_path):
 
 
 def test_spec_kernels_compile_only_the_gated_variant():
-    # The gate compiles with no argument specialized (no alignment, no value). A kernel that let
-    # Triton specialize at run time would run variants the gate never compiled.
+    # The gate compiles no scalar specialized on its value, and marks 16-byte aligned exactly the
+    # pointers a kernel specializes on alignment (jit_aligned_pointers: the Dice kernels, whose
+    # launchers pass only aligned pointers). A kernel that let Triton specialize anything else at
+    # run time would run variants the gate never compiled.
     script = textwrap.dedent('''
         import importlib, json
-        from benchmarks.compile_gate import available_modules
-        kernels = {spec["fn"] for module in available_modules()
-                   for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS}
-        specialized = sorted(f"{kernel.__name__}.{param.name}" for kernel in kernels for param in kernel.params
-                             if not param.is_constexpr
-                             and not (param.do_not_specialize and param.do_not_specialize_on_alignment))
-        print(json.dumps({"kernels": sorted(kernel.__name__ for kernel in kernels), "specialized": specialized}))
+        from benchmarks.compile_gate import aligned_pointer_attrs, available_modules
+        value_specialized, mismatched, aligned_kernels = set(), [], set()
+        for module in available_modules():
+            for spec in importlib.import_module(f"kernels.{module}").AOT_SPECS:
+                kernel, signature = spec["fn"], spec["signature"]
+                runtime = [p for p in kernel.params if not p.is_constexpr]
+                pointers = {p.name for p in runtime if str(signature[p.name]).startswith("*")}
+                value_specialized |= {f"{kernel.__name__}.{p.name}" for p in runtime
+                                      if p.name not in pointers and not p.do_not_specialize}
+                on_alignment = {p.name for p in runtime if not p.do_not_specialize_on_alignment}
+                marked = {kernel.params[index].name for (index,) in aligned_pointer_attrs(kernel, signature)}
+                if marked != on_alignment or not marked <= pointers:
+                    mismatched.append(spec["name"])
+                if marked:
+                    aligned_kernels.add(f"{module}.{kernel.__name__}")
+        print(json.dumps({"value": sorted(value_specialized), "mismatched": mismatched,
+                          "aligned": sorted(aligned_kernels)}))
     ''')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -179,8 +191,8 @@ def test_spec_kernels_compile_only_the_gated_variant():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(found["kernels"]) >= 3, found
-    assert found["specialized"] == [], found["specialized"]
+    assert found["value"] == [] and found["mismatched"] == [], found
+    assert found["aligned"] and all(name.startswith("dice.") for name in found["aligned"]), found["aligned"]
 
 
 def test_shared_memory_over_the_limit_fails_the_gate():

@@ -135,12 +135,14 @@ def test_inference_matches_reference(shape, path):
     assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
 
 
+@pytest.mark.parametrize("channels", [13, 12], ids=["C13", "C12"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
-def test_half_precision_inputs(dtype, training, path):
+def test_half_precision_inputs(dtype, training, channels, path):
     # The interpreter upcasts after load like the kernels do, so this checks the fp32 statistics
-    # and the stores in the input dtype; the reference sees the same rounded inputs.
-    x, alpha, rm, rv, mask, grad = _inputs((6, 25, 13), dtype, True)
+    # and the stores in the input dtype; the reference sees the same rounded inputs. C = 12 takes
+    # the kernels' vector width (VEC = 4), C = 13 none.
+    x, alpha, rm, rv, mask, grad = _inputs((6, 25, channels), dtype, True)
     _check_public(x, alpha, rm, rv, mask, grad, training, dtype)
 
 
@@ -235,7 +237,7 @@ def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked
 
 # [N, C] over three 64-row tiles (the larger one-launch config), and [N, T, C] with a partial
 # channel block.
-AFFINE_SHAPES = [(150, 13), (4, 9, 5)]
+AFFINE_SHAPES = [(150, 13), (4, 9, 5), (150, 12)]
 
 
 @pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -305,6 +307,40 @@ def test_affine_identity_matches_plain_gate(path):
         results.append((y, xt.grad))
     for plain, identity in zip(*results):
         assert_close(identity, plain.double(), torch.float32)
+
+
+def _at_offset(t):
+    """The values of ``t`` in a contiguous view 1 element past an aligned start, and its base."""
+    base = torch.cat([t.new_zeros(1), t.reshape(-1)])
+    return base, base[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
+def test_views_off_a_16_byte_boundary(training, path):
+    """x, alpha, the mask, the running statistics and the gradient as views whose data start 4
+    (1 for the mask) bytes past an aligned address: the op copies what the kernels read, which
+    take only 16-byte-aligned pointers, and the running statistics are still updated in place.
+    C = 12 takes the vector width."""
+    x, alpha, rm, rv, mask, grad = _inputs((150, 12), torch.float32, True)
+    expected = _reference(x, alpha, rm, rv, mask, grad, training)
+    x_base, _ = _at_offset(x)
+    alpha_base, _ = _at_offset(alpha)
+    x_base.requires_grad_()
+    alpha_base.requires_grad_()
+    x_view, alpha_view = x_base[1:].view(x.shape), alpha_base[1:]
+    views = [_at_offset(t)[1] for t in (rm, rv, mask, grad)]
+    assert all(t.data_ptr() % 16 != 0 for t in [x_view, alpha_view, *views])
+    rm_view, rv_view, mask_view, grad_view = views
+    y = din_fast.dice(x_view, alpha_view, rm_view, rv_view, mask_view, training=training, momentum=MOMENTUM,
+                      eps=EPS, backend="triton")
+    y.backward(grad_view)
+    assert_close(y, expected[0], torch.float32, "y")
+    assert_close(x_base.grad[1:].view(x.shape), expected[1], torch.float32, "dx")
+    assert_close(alpha_base.grad[1:], expected[2], torch.float32, "dalpha")
+    assert_close(rm_view, expected[3], torch.float32, "running_mean")
+    assert_close(rv_view, expected[4], torch.float32, "running_var")
+    with pytest.raises(AssertionError, match="16-byte-aligned"):
+        _k.dice_forward_inference(x_view.detach(), alpha, rm, rv, EPS)
 
 
 def test_rejects_float64():

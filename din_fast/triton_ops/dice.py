@@ -22,20 +22,26 @@ Tensor = torch.Tensor
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` (contiguous), copied where its data does not start on a 16-byte boundary (a view
+    at an offset): the kernels take only aligned pointers."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
-    """bool ``[...]`` -> contiguous uint8 ``[M]`` (the kernels' mask layout), or None."""
+    """bool ``[...]`` -> contiguous, aligned uint8 ``[M]`` (the kernels' mask layout), or None."""
     if mask is None:
         return None
-    return mask.reshape(-1).contiguous().view(torch.uint8)
+    return _aligned(mask.reshape(-1).contiguous().view(torch.uint8))
 
 
 def _as_2d(x: Tensor) -> Tensor:
-    """``[..., C]`` -> contiguous ``[M, C]`` (explicit M: ``reshape(-1, 0)`` is ambiguous)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+    """``[..., C]`` -> contiguous, aligned ``[M, C]`` (explicit M: ``reshape(-1, 0)`` is ambiguous)."""
+    return _aligned(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous())
 
 
 def _fp32(vector: Optional[Tensor]) -> Optional[Tensor]:
-    return None if vector is None else vector.to(torch.float32).contiguous()
+    return None if vector is None else _aligned(vector.to(torch.float32).contiguous())
 
 
 @torch.library.custom_op("din_fast::dice_forward", mutates_args=())
@@ -83,8 +89,9 @@ def _dice_backward(grad: Tensor, x: Tensor, alpha: Tensor, mask: Optional[Tensor
     None)."""
     x2d = _as_2d(x)
     grad2d = _as_2d(grad.to(x.dtype))
-    dx, dalpha, dweight, dbias = _k.dice_backward(x2d, grad2d, _fp32(alpha), _flat_mask(mask), mean, var, count,
-                                                  training, eps, weight=_fp32(weight), bias=_fp32(bias))
+    dx, dalpha, dweight, dbias = _k.dice_backward(x2d, grad2d, _fp32(alpha), _flat_mask(mask), _aligned(mean),
+                                                  _aligned(var), _aligned(count), training, eps, weight=_fp32(weight),
+                                                  bias=_fp32(bias))
     if weight is None:
         return dx.view(x.shape), dalpha.to(alpha.dtype), x.new_empty(0), x.new_empty(0)
     return dx.view(x.shape), dalpha.to(alpha.dtype), dweight.to(weight.dtype), dbias.to(bias.dtype)
