@@ -65,7 +65,9 @@ def _most_common(rows: Sequence[dict], key: str) -> Optional[int]:
 
 
 def plot_file(path: str, out_dir: str) -> List[Path]:
-    """Writes the PNGs for every (mode, dtype, device) of the attention rows; returns their paths."""
+    """Writes the PNGs of the attention rows (other ops are not plotted): per (mode, dtype,
+    device, activation, lengths), one against T and one against D, each only where some provider
+    has two or more points; returns their paths."""
     rows = [r for r in load_rows(path) if r["op"] == "attention"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -510,8 +510,12 @@ def _chunking(rows: int, tiles_per_chunk: Optional[int]) -> Tuple[int, int]:
     return tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
 
 
-# Elements per load and store where the channel count allows (``_row_width``).
+# Elements per load and store where the channel count allows (``_row_width``), on the multi-pass
+# path. The one-launch path (at most ONE_PASS_MAX_ROWS rows) keeps VEC = 1: at 4, ptxas spills a
+# value in three of its affine backward configurations on sm_80, and launches that small gain
+# nothing from wider loads.
 VECTOR_WIDTH = 4
+ONE_PASS_VEC = 1
 
 
 def _vector_width(channels: int) -> int:
@@ -600,7 +604,7 @@ def dice_forward_training(x: Tensor, alpha: Tensor, mask: Optional[Tensor], runn
         block_m, block_c, warps = config
         _dice_forward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
             x, mask_arg, alpha, weight, bias, y, mean, var, count, running_mean, running_var, rows, channels, momentum,
-            eps, HAS_MASK=has_mask, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec, num_warps=warps)
+            eps, HAS_MASK=has_mask, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, VEC=ONE_PASS_VEC, num_warps=warps)
         return y, mean, var, count
     tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
     channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
@@ -680,7 +684,7 @@ def dice_backward(x: Tensor, grad: Tensor, alpha: Tensor, mask: Optional[Tensor]
         _dice_backward_one_pass_kernel[(triton.cdiv(channels, block_c),)](
             x, grad, mask_arg, alpha, weight, bias, mean, var, count_arg, dx, dalpha, dweight_arg, dbias_arg, rows,
             channels, eps, HAS_MASK=has_mask, TRAINING=training, AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
-            VEC=vec, num_warps=warps)
+            VEC=ONE_PASS_VEC, num_warps=warps)
         return dx, dalpha, dweight, dbias
     tiles_per_chunk, num_chunks = _chunking(rows, tiles_per_chunk)
     channel_blocks = triton.cdiv(channels, MULTI_BLOCK_C)
@@ -695,7 +699,8 @@ def dice_backward(x: Tensor, grad: Tensor, alpha: Tensor, mask: Optional[Tensor]
         coef_var = torch.empty_like(coef_mean)
         _dice_backward_reduce_kernel[(num_chunks, channel_blocks)](
             x, grad, alpha, weight, bias, mean, var, part_gate, part_gate_xhat, part_dalpha, rows, channels,
-            tiles_per_chunk, eps, AFFINE=affine, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec, num_warps=MULTI_WARPS)
+            tiles_per_chunk, eps, AFFINE=affine, BLOCK_M=MULTI_BLOCK_M, BLOCK_C=MULTI_BLOCK_C, VEC=vec,
+            num_warps=MULTI_WARPS)
         _dice_backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](
             part_gate, part_gate_xhat, part_dalpha, count, weight, coef_mean, coef_var, dalpha, dweight_arg,
             dbias_arg, channels, num_chunks, TRAINING=True, AFFINE=affine, BLOCK_K=COMBINE_BLOCK_K,
@@ -814,10 +819,12 @@ def _aot_specs():
 
 
 def _with_vector_widths(specs):
-    """Each spec at every ``VEC`` the launchers pick: 1, and ``VECTOR_WIDTH`` (name ``..._vec4``)."""
+    """Each spec at every ``VEC`` the launchers pick: the one-launch kernels at ``ONE_PASS_VEC``,
+    the others at 1 and ``VECTOR_WIDTH`` (name ``..._vec4``)."""
     out = []
     for spec in specs:
-        for vec in (1, VECTOR_WIDTH):
+        one_pass = spec["fn"] in (_dice_forward_one_pass_kernel, _dice_backward_one_pass_kernel)
+        for vec in (ONE_PASS_VEC,) if one_pass else (1, VECTOR_WIDTH):
             out.append(dict(spec, name=spec["name"] + (f"_vec{vec}" if vec > 1 else ""),
                             signature=dict(spec["signature"], VEC="constexpr"),
                             constexprs=dict(spec["constexprs"], VEC=vec)))
