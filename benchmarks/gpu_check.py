@@ -145,19 +145,19 @@ def rel_err(actual, expected) -> float:
 
 
 def _compare(record_base: dict, names: Sequence[str], actual, expected, bound: float,
-             sum_scales: Dict[str, float], dtype) -> List[dict]:
+             cancelling: Dict[str, float], dtype) -> List[dict]:
     """One record per tensor: its relative error against ``bound``; a tensor named in
-    ``sum_scales`` (one element, a sum whose terms can cancel) by the tests' rule instead, its
-    largest absolute error against ``din_fast.testing``'s bound widened by the scale given with
-    it."""
+    ``cancelling`` (a sum whose terms can cancel) by the tests' rule instead, its largest
+    absolute error against ``din_fast.testing``'s bound with the terms' size given with it
+    (``score_terms``)."""
     import torch
     from din_fast.testing import normwise_bound
     records = []
     for name, a, e in zip(names, actual, expected):
-        if name in sum_scales:
+        if name in cancelling:
             a, e = a.detach().to(torch.float64).cpu(), e.detach().to(torch.float64).cpu()
             err = (a - e).abs().max().item()
-            abs_bound = normwise_bound(e, dtype, sum_scales[name])
+            abs_bound = normwise_bound(e, dtype, terms=cancelling[name])
             records.append(dict(record_base, tensor=name, rel_err=None, abs_err=err, abs_bound=abs_bound,
                                 bound=bound, ok=bool(err <= abs_bound)))
             continue
@@ -169,7 +169,7 @@ def _compare(record_base: dict, names: Sequence[str], actual, expected, bound: f
 def _attention_check(shape, dtype, device, activation, normalization, training):
     import torch
     from din_fast import functional, reference
-    from din_fast.testing import score_bias_scale
+    from din_fast.testing import score_terms
     from .run import HIDDEN, attention_params
 
     batch, seq_len, dim = shape["B"], shape["T"], shape["D"]
@@ -199,9 +199,10 @@ def _attention_check(shape, dtype, device, activation, normalization, training):
     ref = run(reference.attention_pooling, lambda t: t.to(torch.float64))
     # The score layer's bias gradient is one sum over every valid position, exactly 0 under
     # softmax (which ignores a shift of every score): a relative error means nothing there.
-    sum_scales = {f"grad_b{len(biases)}": score_bias_scale(int(lengths.sum()), grad_pooled, keys,
-                                                           normalization=normalization)}
-    return names, fast, ref, sum_scales
+    counted = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
+    cancelling = {f"grad_b{len(biases)}": score_terms(counted, grad_pooled, keys, weights=ref[1],
+                                                      normalization=normalization)}
+    return names, fast, ref, cancelling
 
 
 def _dice_check(shape, dtype, device):
@@ -294,8 +295,8 @@ def full_size_checks(device: str, dtypes: Sequence[str], tiny: bool) -> List[dic
         try:
             torch.manual_seed(len(records))
             dtype = getattr(torch, dtype_name)
-            names, fast, ref, sum_scales = check(shape, dtype)
-            records += _compare(base, names, fast, ref, bound, sum_scales, dtype)
+            names, fast, ref, cancelling = check(shape, dtype)
+            records += _compare(base, names, fast, ref, bound, cancelling, dtype)
         except NotImplementedError as err:
             records.append(dict(base, tensor="-", rel_err=None, bound=bound, ok=True,
                                 not_implemented=str(err).strip()[:300]))

@@ -26,57 +26,62 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "",
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, terms: float = 0.0) -> None:
     """Asserts ``actual`` (any dtype) equals the float64 ``expected`` within ``TOLERANCES[dtype]``.
 
     The error bound is normwise: ``|actual - expected| <= atol + rtol * max|expected|`` element
     by element. A gradient entry is a sum of many rounded terms of either sign, so its rounding
     error scales with the size of the terms (of the order of the tensor's largest entries), not
-    with the entry itself, which cancellation can make arbitrarily small. ``scale`` widens both
+    with the entry itself, which cancellation can make arbitrarily small. Where the terms can be
+    larger than every entry (a sum that cancels), ``terms`` gives their size (``score_terms``):
+    the relative tolerance then applies to the larger of the two. ``scale`` widens both
     tolerances (document why at the call site). Any NaN fails: a comparison of NaN with NaN
     would pass whatever the kernel did.
     """
     expected = expected.detach().to(torch.float64).cpu()
     torch.testing.assert_close(actual.detach().to(torch.float64).cpu(), expected,
-                               atol=normwise_bound(expected, dtype, scale), rtol=0, equal_nan=False,
+                               atol=normwise_bound(expected, dtype, scale, terms), rtol=0, equal_nan=False,
                                msg=lambda m: f"{name}: {m}")
 
 
-def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:
-    """``assert_close``'s bound on every entry's absolute error: ``(atol + rtol * max|expected|) *
-    scale`` with ``TOLERANCES[dtype]``, the maximum over the finite entries."""
+def normwise_bound(expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, terms: float = 0.0) -> float:
+    """``assert_close``'s bound on every entry's absolute error: ``(atol + rtol * max(max|expected|,
+    terms)) * scale`` with ``TOLERANCES[dtype]``, the maximum over the finite entries."""
     tol = TOLERANCES[dtype]
     finite = expected[torch.isfinite(expected)]
     magnitude = finite.abs().max().item() if finite.numel() else 0.0
-    return (tol["atol"] + tol["rtol"] * magnitude) * scale
+    return (tol["atol"] + tol["rtol"] * max(magnitude, terms)) * scale
 
 
-def score_bias_scale(num_valid: int, grad_pooled: torch.Tensor, keys: torch.Tensor,
-                     grad_weights: Optional[torch.Tensor] = None, normalization: str = "none",
-                     softmax_scale: float = 1.0) -> float:
-    """``assert_close``'s ``scale`` for the score layer's bias gradient, one element: a sum over
-    the ``num_valid`` valid positions of the scores' gradients, ``u_t = g_b . k_t + dL/dw_t``
-    under ``normalization="none"`` and ``softmax_scale * w_t * (u_t - delta_b)`` under softmax
-    (grad_pooled ``[B, D]``, keys ``[B, T, D]``, grad_weights ``[B, T]`` or None). The sum can
-    be small by chance, and under softmax it is exactly 0, so the reference value gives no
-    magnitude for the rounding, which grows with the square root of the number of terms and
-    with their size (the largest, where above 1), which grows with D. A wrong gradient is off by
-    a term's size, still far above the bound."""
-    upstream = torch.einsum("bd,btd->bt", grad_pooled.detach().double(), keys.detach().double())
+def score_terms(valid: torch.Tensor, grad_pooled: torch.Tensor, keys: torch.Tensor,
+                grad_weights: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                normalization: str = "none", softmax_scale: float = 1.0) -> float:
+    """``assert_close``'s ``terms`` for the score layer's gradients (bias ``[1]``, weight
+    ``[1, H_n]``): sums over every valid position of the scores' gradients ``e_bt`` (times the
+    last hidden activation, for the weight), which cancel (under softmax the bias gradient is
+    exactly 0), so their entries give no measure of their rounding. This is the root sum of
+    squares of the terms' sizes, the scale of a sum of independently rounded terms:
+    ``|u_bt|`` under ``normalization="none"``, with ``u_bt = g_b . k_bt + dL/dw_bt``, and
+    ``softmax_scale * w_bt * (|u_bt| + |delta_b|)`` under softmax, ``delta_b = sum_t w_bt u_bt``.
+
+    Args: valid bool ``[B, T]`` (the counted positions); grad_pooled ``[B, D]``; keys ``[B, T, D]``;
+    grad_weights ``[B, T]`` or None; weights ``[B, T]``, the reference's (softmax only).
+    A missing or extra position's term, or a gradient off by a fraction of itself, is far above
+    the bound this gives with the float32 tolerances; with the 16-bit ones, whose relative
+    tolerance is a few times the unit roundoff, the margin is narrower but a dropped or halved
+    gradient still fails."""
+    upstream = torch.einsum("bd,btd->bt", grad_pooled.detach().double().cpu(), keys.detach().double().cpu())
     if grad_weights is not None:
-        upstream = upstream + grad_weights.detach().double()
-    term_scale = softmax_scale if normalization == "softmax" else 1.0
-    return max(1, num_valid) ** 0.5 * max(1.0, term_scale * upstream.abs().max().item())
-
-
-def score_weight_scale(expected: torch.Tensor, dtype: torch.dtype, bias_scale: float) -> float:
-    """``assert_close``'s ``scale`` for the score layer's weight gradient under softmax (expected
-    ``[1, H_n]`` float64): entry j sums the same cancelling terms as the bias (``bias_scale``,
-    from ``score_bias_scale``), each times the last hidden activation ``h_tj``. Where most
-    samples have several valid positions the entries are of the terms' size and the normwise
-    bound holds; where every sample has at most one, every entry is exactly 0 and only the
-    terms' rounding is left. The bound is the larger of the two, never wider than needed."""
-    return max(1.0, TOLERANCES[dtype]["atol"] * bias_scale / normwise_bound(expected, dtype))
+        upstream = upstream + grad_weights.detach().double().cpu()
+    valid = valid.detach().cpu()
+    upstream = torch.where(valid, upstream, torch.zeros((), dtype=upstream.dtype))
+    if normalization == "softmax":
+        w = torch.where(valid, weights.detach().double().cpu(), torch.zeros((), dtype=upstream.dtype))
+        delta = (w * upstream).sum(dim=1, keepdim=True)
+        sizes = softmax_scale * w * (upstream.abs() + delta.abs())
+    else:
+        sizes = upstream.abs()
+    return sizes.pow(2).sum().sqrt().item()
 
 
 def nan_filled(shape, dtype: torch.dtype, device) -> torch.Tensor:

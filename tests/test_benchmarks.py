@@ -216,7 +216,7 @@ def test_chunked_candidate_matches_the_reference(activation, normalization, bloc
     pytest.importorskip("triton")
     from benchmarks import attention_chunked
     from din_fast import reference
-    from din_fast.testing import assert_close, nan_filled_allocations, score_bias_scale
+    from din_fast.testing import assert_close, nan_filled_allocations, score_terms
     query, keys, grad_pooled, weights, biases, prelu, lengths = _chunked_case(activation)
     options = dict(activation=activation, act_params=prelu, normalization=normalization, softmax_scale=0.7)
     with nan_filled_allocations():
@@ -238,12 +238,13 @@ def test_chunked_candidate_matches_the_reference(activation, normalization, bloc
     names = ["pooled", "query", "keys"] + [f"weights[{i}]" for i in range(layers)] + \
         [f"biases[{i}]" for i in range(layers)] + [f"prelu[{i}]" for i in range(len(prelu))]
     assert len(got) == len(expected) == len(names)
-    score_bias = score_bias_scale(int(lengths.sum()), grad_pooled, keys, normalization=normalization,
-                                  softmax_scale=0.7)
+    counted = torch.arange(keys.shape[1])[None, :] < lengths[:, None].cpu()
+    terms = score_terms(counted, grad_pooled, keys, weights=expected_attn, normalization=normalization,
+                        softmax_scale=0.7)
     for name, actual, want in zip(names, got, expected):
         assert actual.shape == want.shape, name
-        scale = score_bias if name == f"biases[{layers - 1}]" else 1.0
-        assert_close(actual, want, torch.float32, name, scale=scale)
+        score_layer = name in (f"weights[{layers - 1}]", f"biases[{layers - 1}]")
+        assert_close(actual, want, torch.float32, name, terms=terms if score_layer else 0.0)
 
 
 def test_launch_sweep_dry_run(tmp_path):

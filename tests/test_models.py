@@ -1,6 +1,8 @@
 """DIN and BaseModel: shapes, padding, serving path equal to the batch path, backends agree,
 training with Dice and MBA stays finite, and DIN beats BaseModel on planted interests."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from din_fast.cli import evaluate
 from din_fast.data import feature_counts, iterate_batches, make_batch, make_synthetic
 from din_fast.models import DIN, BaseModel, build_model, load_checkpoint
+from din_fast.testing import assert_close
 
 SMALL = dict(num_users=200, num_items=150, num_categories=10)
 
@@ -56,6 +59,49 @@ def test_forward_shapes_and_padding_invariance(model_class, dice):
     torch.testing.assert_close(model(padded), unpadded, rtol=1e-5, atol=1e-6)
     loss, _ = model.loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def _loss_and_gradients(model, batch, dtype=torch.float32, training=True):
+    """A copy of ``model`` in ``dtype`` and the given mode on ``batch``: ``(loss, logits,
+    {parameter name: gradient}, {buffer name: value after the step})``; ``model`` itself stays
+    as it was (a training step moves Dice's running statistics)."""
+    model = copy.deepcopy(model).to(dtype).train(training)
+    loss, logits = model.loss(batch)
+    names, parameters = zip(*model.named_parameters())
+    gradients = dict(zip(names, torch.autograd.grad(loss, parameters)))
+    return loss, logits, gradients, dict(model.named_buffers())
+
+
+def _assert_runs_close(run, expected, name):
+    """A float32 ``_loss_and_gradients`` run against the float64 one: loss, logits, every
+    parameter gradient and every buffer (Dice's running statistics), with the float32
+    tolerances."""
+    loss, logits, gradients, buffers = run
+    assert_close(loss, expected[0], torch.float32, f"{name}: loss")
+    assert_close(logits, expected[1], torch.float32, f"{name}: logits")
+    assert gradients.keys() == expected[2].keys() and buffers.keys() == expected[3].keys()
+    for key, gradient in gradients.items():
+        assert_close(gradient, expected[2][key], torch.float32, f"{name}: gradient of {key}")
+    for key, buffer in buffers.items():
+        assert_close(buffer, expected[3][key], torch.float32, f"{name}: {key}")
+
+
+@pytest.mark.parametrize("model_class", [DIN, BaseModel])
+def test_training_padding_invariance_with_dice(model_class, one_thread):
+    """Training mode, where Dice normalizes with batch statistics: in the top MLP over the batch's
+    rows and, in DIN, in the attention unit over the valid positions only. Random ids at every
+    padded position and 5 more padding columns change nothing: the loss, the logits, every
+    parameter gradient and the running statistics after the step equal those of the same batch
+    in a float64 copy of the model. Statistics that counted padding positions would differ."""
+    data = make_synthetic(**SMALL, seed=0)
+    options = dict(attention_activation="dice", dice_stats="valid") if model_class is DIN else {}
+    model = model_class(data.vocabulary, mlp_activation="dice", **options)
+    batch = _batch(data)
+    assert len(set(batch.lengths.tolist())) > 1
+    expected = _loss_and_gradients(model, batch, torch.float64)
+    padded = _with_random_padding(_batch(data), data.vocabulary, extra_columns=5)
+    for name, run_batch in (("padded with 0", batch), ("random padding", padded)):
+        _assert_runs_close(_loss_and_gradients(model, run_batch), expected, name)
 
 
 @pytest.mark.parametrize("model_class", [DIN, BaseModel])
@@ -111,6 +157,14 @@ def test_backends_agree_and_checkpoint_round_trip(tmp_path, one_thread):
     reference_model.load_state_dict(torch_model.state_dict())
     batch = _batch(data)
     torch.testing.assert_close(torch_model(batch), reference_model(batch), rtol=1e-4, atol=1e-5)
+    # Both backends in float32, in inference and in training mode (Dice's batch statistics),
+    # against the reference backend in float64: loss, logits, every parameter gradient and the
+    # running statistics after the step.
+    for training in (False, True):
+        expected = _loss_and_gradients(reference_model, batch, torch.float64, training)
+        for name, model in (("torch", torch_model), ("reference", reference_model)):
+            _assert_runs_close(_loss_and_gradients(model, batch, training=training), expected,
+                               f"{name} backend, training={training}")
 
     path = tmp_path / "checkpoint.pt"
     torch.save({"config": torch_model.config, "state_dict": torch_model.state_dict()}, path)

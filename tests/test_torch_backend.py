@@ -7,7 +7,7 @@ from din_fast import functional as F
 from din_fast import reference as R
 from din_fast import torch_ops
 from din_fast.testing import (assert_close, assert_padding_is_zero, float64_copies, nan_filled_allocations,
-                              random_attention_mlp, score_bias_scale)
+                              random_attention_mlp, score_terms)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -114,30 +114,60 @@ def _compare(dtype, results, ref_results, act_params, ref_act, keys, valid, norm
     (``valid``: bool ``[B, T]``, the positions counted; the other options as given to ``_run``)."""
     grad_pooled, grad_attn = _cotangents(results[0], results[1], keys.dtype)
     # grads: query, keys, the weights and the biases of len(act_params) + 1 layers, ...
-    score_bias = f"gradient {2 * len(act_params) + 3}"
-    score_bias_bound = score_bias_scale(int(valid.sum()), grad_pooled, keys, grad_attn, normalization, softmax_scale)
+    layers = len(act_params) + 1
+    score_layer = (f"gradient {layers + 1}", f"gradient {2 * layers + 1}")
+    terms = score_terms(valid, grad_pooled, keys, grad_attn, ref_results[1], normalization, softmax_scale)
     for name, got, want in zip(["pooled", "weights"] + [f"gradient {i}" for i in range(len(results) - 2)],
                                results, ref_results):
-        assert_close(got, want, dtype, name, scale=score_bias_bound if name == score_bias else 1.0)
+        assert_close(got, want, dtype, name, terms=terms if name in score_layer else 0.0)
     for layer, ref_layer in zip(act_params, ref_act):
         for stat, ref_stat in zip(layer[1:3], ref_layer[1:3]):
             assert_close(stat, ref_stat, dtype, "running statistic")
 
 
+def _mask_with_holes(batch, seq_len, num_valid):
+    """bool ``[batch, seq_len]`` with exactly ``num_valid`` valid positions at random, none in
+    row 1 (a sample with no valid position)."""
+    others = torch.cat([torch.arange(seq_len), torch.arange(2 * seq_len, batch * seq_len)])
+    mask = torch.zeros(batch * seq_len, dtype=torch.bool)
+    mask[others[torch.randperm(others.numel())[:num_valid]]] = True
+    return mask.view(batch, seq_len)
+
+
+def _record_packing(monkeypatch):
+    """Wraps ``torch_ops._mask_and_rows_to_pack`` (what decides between the fold and the packed
+    rows); returns the list that gets one entry per call: whether it chose to pack."""
+    decide, packed = torch_ops._mask_and_rows_to_pack, []
+
+    def recording(valid):
+        mask, rows = decide(valid)
+        packed.append(rows is not None)
+        return mask, rows
+
+    monkeypatch.setattr(torch_ops, "_mask_and_rows_to_pack", recording)
+    return packed
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("valid_fraction", [0.9, 0.4], ids=["folded", "packed"])
+@pytest.mark.parametrize("num_valid,path", [(48, "folded"), (20, "packed")], ids=["folded", "packed"])
 @pytest.mark.parametrize("activation,training", [("prelu", False), ("dice", True)])
-def test_attention_pooling_bool_mask_with_holes(dtype, valid_fraction, activation, training):
-    # More than 3/4 valid goes through the per-sample fold, less through the packed valid rows.
-    batch, seq_len, dim, hidden = 4, 10, 18, (12, 8)
-    mask = torch.rand(batch, seq_len) < valid_fraction
-    mask[1] = False
+def test_attention_pooling_bool_mask_with_holes(monkeypatch, dtype, num_valid, path, activation, training):
+    """A bool mask with holes and an all-padding row against the float64 reference, outputs and
+    every gradient. 48 of 60 positions valid (above ``PACK_MAX_VALID_FRACTION``) go through the
+    per-sample fold with masking, 20 of 60 through the packed valid rows; the path taken is
+    asserted, so that the cases cannot drift onto one path. Dice's attention always folds (its
+    statistics are over the masked ``[B, T]`` positions) and packs nothing."""
+    batch, seq_len, dim, hidden = 6, 10, 18, (12, 8)
+    mask = _mask_with_holes(batch, seq_len, num_valid)
+    assert not mask[1].any() and 0 < num_valid < batch * seq_len
+    packed = _record_packing(monkeypatch)
     case = _attention_case((batch, seq_len, dim, hidden, [0] * batch), activation, dtype)
     query, keys, weights, biases, act_params, _ = case
     ref_query, ref_keys, ref_weights, ref_biases, ref_act = float64_copies(case[:5])
     options = dict(mask=mask, activation=activation, normalization="softmax", training=training,
                    eps=_dice_eps(dtype, training))
     pooled, attn, grads = _run(torch_ops.attention_pooling, query, keys, weights, biases, act_params, **options)
+    assert packed == ([] if activation == "dice" else [path == "packed"])
     ref_results = _run(R.attention_pooling, ref_query, ref_keys, ref_weights, ref_biases, ref_act, dtype=dtype,
                        **options)
     ref_results = (ref_results[0], ref_results[1], *ref_results[2])

@@ -11,7 +11,7 @@ import din_fast
 from din_fast import functional, reference
 from din_fast._attention_shapes import KERNEL_ENVELOPE, kernel_unsupported
 from din_fast.testing import (KERNEL_DEVICE, assert_close, assert_padding_is_zero, nan_filled, nan_filled_allocations,
-                              score_bias_scale, score_weight_scale)
+                              score_terms)
 
 triton = pytest.importorskip("triton")
 
@@ -123,16 +123,13 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     names = ["query", "keys"] + [f"weights[{i}]" for i in range(n)] + [f"biases[{i}]" for i in range(n)] + \
         trainable_names(activation, act_params)
     assert len(names) == len(leaves)
-    valid = int(lengths.sum()) if lengths is not None else int(mask.sum()) if mask is not None else batch * seq_len
-    bias_scale = score_bias_scale(valid, grad_pooled, keys, grad_attn, normalization, softmax_scale)
+    counted = (mask if mask is not None else torch.arange(seq_len)[None, :] < lengths[:, None]
+               if lengths is not None else torch.ones(batch, seq_len, dtype=torch.bool))
+    terms = score_terms(counted, grad_pooled, keys, grad_attn, ref_attn, normalization, softmax_scale)
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
-        scale = grad_scale
-        if name == f"biases[{n - 1}]":
-            scale *= bias_scale
-        elif name == f"weights[{n - 1}]" and normalization == "softmax":
-            scale *= score_weight_scale(want, dtype, bias_scale)
-        assert_close(got, want, dtype, f"grad {name}", scale=scale)
+        score_layer = name in (f"weights[{n - 1}]", f"biases[{n - 1}]")
+        assert_close(got, want, dtype, f"grad {name}", scale=grad_scale, terms=terms if score_layer else 0.0)
     if activation == "dice":
         for i, (layer, ref_layer) in enumerate(zip(act_params, ref_act)):
             assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
@@ -215,7 +212,8 @@ def test_all_padding_gives_zero_output_and_zero_gradients(normalization):
     (5, (12, 8), "sigmoid", "none", False),
     (40, (16, 8), "dice", "softmax", False),  # Dice on running statistics, across tiles
     (5, (12,), "dice", "none", True),
-    (1, (24, 10, 6), "prelu", "softmax", False),
+    (1, (24, 10, 6), "prelu", "softmax", False),  # every score-layer gradient exactly 0
+    (1, (24, 10, 6), "prelu", "none", False),
 ])
 def test_half_precision_inputs(dtype, seq_len, hidden, activation, normalization, affine):
     run_and_compare(3, seq_len, 18, hidden, activation=activation, normalization=normalization, affine=affine,

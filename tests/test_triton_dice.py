@@ -1,13 +1,15 @@
 """Dice's Triton kernels (run in Triton's interpreter without a GPU) against the float64 reference:
 output, dx, dalpha (and dweight, dbias of the affine gate) and the running statistics, on both the
-one-launch and the multi-pass paths."""
+one-launch and the multi-pass paths. Every buffer the op allocates uninitialized (outputs,
+statistics, counts, chunk partials) starts as NaN (signed integers as -1): an element a kernel
+forgets to write reaches a compared result."""
 
 import pytest
 import torch
 
 import din_fast
 from din_fast import reference
-from din_fast.testing import assert_close, nan_filled
+from din_fast.testing import assert_close, nan_filled, nan_filled_allocations
 
 triton = pytest.importorskip("triton")
 from din_fast.kernels import dice as _k  # noqa: E402
@@ -60,15 +62,18 @@ def _reference(x, alpha, running_mean, running_var, mask, grad, training, weight
 
 
 def _check_public(x, alpha, running_mean, running_var, mask, grad, training, dtype, dalpha_scale=1.0):
-    """Runs ``din_fast.dice(backend="triton")`` and compares everything with the reference."""
+    """Runs ``din_fast.dice(backend="triton")``, its allocations NaN-filled, and compares
+    everything with the reference."""
     expected = _reference(x, alpha, running_mean, running_var, mask, grad, training)
     xt = x.clone().requires_grad_()
     alphat = alpha.clone().requires_grad_()
     rm = None if running_mean is None else running_mean.clone()
     rv = None if running_var is None else running_var.clone()
-    y = din_fast.dice(xt, alphat, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS, backend="triton")
+    with nan_filled_allocations():
+        y = din_fast.dice(xt, alphat, rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS,
+                          backend="triton")
+        y.backward(grad)
     assert y.dtype == x.dtype and y.shape == x.shape
-    y.backward(grad)
     assert xt.grad.dtype == x.dtype and alphat.grad.dtype == alpha.dtype
     assert_close(y, expected[0], dtype, "y")
     assert_close(xt.grad, expected[1], dtype, "dx")
@@ -82,16 +87,18 @@ def _check_public(x, alpha, running_mean, running_var, mask, grad, training, dty
 
 
 def _check_affine(x, alpha, running_mean, running_var, mask, grad, training, dtype):
-    """Runs ``din_fast.dice(backend="triton")`` with the affine gate and compares the output, the
-    running statistics and every gradient (x, alpha, weight, bias) with the reference."""
+    """Runs ``din_fast.dice(backend="triton")`` with the affine gate, its allocations NaN-filled,
+    and compares the output, the running statistics and every gradient (x, alpha, weight, bias)
+    with the reference."""
     weight, bias = _affine(x.shape[-1])
     expected = _reference(x, alpha, running_mean, running_var, mask, grad, training, weight, bias)
     leaves = [t.clone().requires_grad_() for t in (x, alpha, weight, bias)]
     rm, rv = running_mean.clone(), running_var.clone()
-    y = din_fast.dice(leaves[0], leaves[1], rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS,
-                      weight=leaves[2], bias=leaves[3], backend="triton")
+    with nan_filled_allocations():
+        y = din_fast.dice(leaves[0], leaves[1], rm, rv, mask, training=training, momentum=MOMENTUM, eps=EPS,
+                          weight=leaves[2], bias=leaves[3], backend="triton")
+        y.backward(grad)
     assert y.dtype == x.dtype and y.shape == x.shape
-    y.backward(grad)
     assert [leaf.grad.dtype for leaf in leaves] == [x.dtype] + [torch.float32] * 3
     assert_close(y, expected[0], dtype, "y")
     for leaf, want, name in zip(leaves, (expected[1], expected[2], expected[5], expected[6]),
@@ -198,13 +205,18 @@ def test_many_chunks(monkeypatch):
                          ids=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
 def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked):
+    """The launchers on each path, y and dx in NaN-filled ``out`` buffers and every buffer they
+    allocate themselves (mean, var, count, dalpha, the chunk partials) NaN-filled (count -1):
+    every output, statistic and gradient against the reference."""
     rows, channels = 150, 13
     x, alpha, rm, rv, mask, grad = _inputs((rows, channels), torch.float32, masked)
     y_ref, dx_ref, dalpha_ref, rm_ref, rv_ref, _, _ = _reference(x, alpha, rm, rv, mask, grad, True)
     mask8 = None if mask is None else mask.view(torch.uint8)
     options = dict(one_pass_max_rows=one_pass_max_rows, tiles_per_chunk=tiles_per_chunk)
     y_out = nan_filled((rows, channels), torch.float32, x.device)
-    y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out, **options)
+    with nan_filled_allocations():
+        y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out,
+                                                       **options)
     assert y is y_out
     assert_close(y, y_ref, torch.float32, "y")
     assert_close(rm, rm_ref, torch.float32, "running_mean")
@@ -214,18 +226,23 @@ def test_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked
     assert_close(mean, x.double()[keep].mean(0), torch.float32, "mean")
     assert_close(var, x.double()[keep].var(0, unbiased=False), torch.float32, "var")
     dx_out = nan_filled((rows, channels), torch.float32, x.device)
-    dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, True, EPS, out=dx_out,
-                                                  **options)
+    with nan_filled_allocations():
+        dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, True, EPS,
+                                                      out=dx_out, **options)
     assert dx is dx_out and dweight is None and dbias is None
     assert_close(dx, dx_ref, torch.float32, "dx")
     assert_close(dalpha, dalpha_ref, torch.float32, "dalpha")
     # Inference launchers, on the running statistics just produced.
     y_ref, dx_ref, dalpha_ref, *_ = _reference(x, alpha, rm, rv, None, grad, False)
-    y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=nan_filled((rows, channels), torch.float32, x.device),
-                                  tiles_per_chunk=tiles_per_chunk)
+    with nan_filled_allocations():
+        y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=nan_filled((rows, channels), torch.float32,
+                                                                            x.device),
+                                      tiles_per_chunk=tiles_per_chunk)
     assert_close(y, y_ref, torch.float32, "y (inference)")
-    dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, None, rm, rv, None, False, EPS,
-                                                  out=nan_filled((rows, channels), torch.float32, x.device), **options)
+    with nan_filled_allocations():
+        dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, None, rm, rv, None, False, EPS,
+                                                      out=nan_filled((rows, channels), torch.float32, x.device),
+                                                      **options)
     assert dweight is None and dbias is None
     assert_close(dx, dx_ref, torch.float32, "dx (inference)")
     assert_close(dalpha, dalpha_ref, torch.float32, "dalpha (inference)")
@@ -264,6 +281,8 @@ def test_affine_half_precision_inputs(dtype, training, path):
                          ids=["one_pass", "multi_pass", "multi_pass_merged_tiles"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
 def test_affine_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk, masked):
+    """As ``test_launchers_write_every_output`` with the affine gate, in training and inference:
+    dweight and dbias, and the partials behind them, allocated NaN-filled too."""
     rows, channels = 150, 13
     x, alpha, rm, rv, mask, grad = _inputs((rows, channels), torch.float32, masked)
     weight, bias = _affine(channels)
@@ -276,19 +295,22 @@ def test_affine_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk,
             x, alpha, rm, rv, mask, grad, training, weight, bias)
         y_out = nan_filled((rows, channels), torch.float32, x.device)
         if training:
-            y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out,
-                                                           **affine, **options)
+            with nan_filled_allocations():
+                y, mean, var, count = _k.dice_forward_training(x, alpha, mask8, rm, rv, MOMENTUM, EPS, out=y_out,
+                                                               **affine, **options)
             assert_close(rm, rm_ref, torch.float32, "running_mean")
             assert_close(rv, rv_ref, torch.float32, "running_var")
         else:
             mean, var, count = rm, rv, None
-            y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=y_out, tiles_per_chunk=tiles_per_chunk,
-                                          **affine)
+            with nan_filled_allocations():
+                y = _k.dice_forward_inference(x, alpha, rm, rv, EPS, out=y_out, tiles_per_chunk=tiles_per_chunk,
+                                              **affine)
         assert y is y_out
         assert_close(y, y_ref, torch.float32, f"y ({mode})")
         dx_out = nan_filled((rows, channels), torch.float32, x.device)
-        dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, training, EPS,
-                                                      out=dx_out, **affine, **options)
+        with nan_filled_allocations():
+            dx, dalpha, dweight, dbias = _k.dice_backward(x, grad, alpha, mask8, mean, var, count, training, EPS,
+                                                          out=dx_out, **affine, **options)
         assert dx is dx_out
         assert_close(dx, dx_ref, torch.float32, f"dx ({mode})")
         assert_close(dalpha, dalpha_ref, torch.float32, f"dalpha ({mode})")
@@ -297,16 +319,34 @@ def test_affine_launchers_write_every_output(one_pass_max_rows, tiles_per_chunk,
 
 
 def test_affine_identity_matches_plain_gate(path):
-    # weight 1, bias 0 is the plain gate: same output and dx as without the affine arguments.
+    """weight 1, bias 0 is the plain gate. The float64 reference gives the same output, dx and
+    dalpha with and without the identity parameters; the kernels' affine run (its allocations
+    NaN-filled) gives those of the plain gate, against the reference and against the kernels'
+    plain run, with dweight and dbias against the reference's, and both runs update the running
+    statistics alike."""
     x, alpha, rm, rv, mask, grad = _inputs((5, 30, 13), torch.float32, True)
+    identity = dict(weight=torch.ones(13), bias=torch.zeros(13))
+    plain_ref = _reference(x, alpha, rm, rv, mask, grad, True)
+    identity_ref = _reference(x, alpha, rm, rv, mask, grad, True, **identity)
+    names = ("y", "dx", "dalpha", "running_mean", "running_var")
+    for name, want, got in zip(names, plain_ref, identity_ref):
+        assert_close(got, want, torch.float64, f"reference {name}")
     results = []
-    for affine in ({}, dict(weight=torch.ones(13), bias=torch.zeros(13))):
-        xt = x.clone().requires_grad_()
-        y = _ops.dice(xt, alpha, rm.clone(), rv.clone(), mask, training=True, **affine)
-        y.backward(grad)
-        results.append((y, xt.grad))
-    for plain, identity in zip(*results):
-        assert_close(identity, plain.double(), torch.float32)
+    for affine in ({}, identity):
+        leaves = [t.clone().requires_grad_() for t in (x, alpha, *affine.values())]
+        running = (rm.clone(), rv.clone())
+        with nan_filled_allocations():
+            y = _ops.dice(leaves[0], leaves[1], *running, mask, training=True, momentum=MOMENTUM, eps=EPS,
+                          **dict(zip(affine, leaves[2:])))
+            y.backward(grad)
+        results.append((y, leaves[0].grad, leaves[1].grad, *running))
+        for name, got, want in zip(names, results[-1], plain_ref):
+            assert_close(got, want, torch.float32, f"{name} ({'affine' if affine else 'plain'})")
+        if affine:
+            assert_close(leaves[2].grad, identity_ref[5], torch.float32, "dweight")
+            assert_close(leaves[3].grad, identity_ref[6], torch.float32, "dbias")
+    for name, plain, affine in zip(names, *results):
+        assert_close(affine, plain.double(), torch.float32, f"{name}: affine against plain")
 
 
 def _at_offset(t):
