@@ -195,6 +195,45 @@ def test_spec_kernels_compile_only_the_gated_variant():
     assert found["aligned"] and all(name.startswith("dice.") for name in found["aligned"]), found["aligned"]
 
 
+def test_dice_vector_width_reaches_the_machine_code():
+    # VEC = 4 with the pointers marked aligned, as the gate compiles the Dice specs, must give
+    # 16-byte global loads and stores (sm_90); VEC = 1, scalar ones. Without the alignment or the
+    # multiple-of-VEC row width the compiler falls back to scalar accesses, silently.
+    script = textwrap.dedent('''
+        import collections, json, os, re, subprocess, tempfile
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from benchmarks.compile_gate import _compile_options, _tool, aligned_pointer_attrs
+        from din_fast.kernels import dice
+        found = {}
+        for spec in dice.AOT_SPECS:
+            if spec["name"] not in ("dice_forward_apply_fp32", "dice_forward_apply_fp32_vec4"):
+                continue
+            compiled = triton.compile(
+                ASTSource(fn=spec["fn"], signature=dict(spec["signature"]), constexprs=dict(spec["constexprs"]),
+                          attrs=aligned_pointer_attrs(spec["fn"], spec["signature"])),
+                target=GPUTarget("cuda", 90, 32), options=_compile_options(spec))
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+                handle.write(compiled.asm["cubin"])
+            sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", handle.name], check=True,
+                                  capture_output=True, text=True).stdout
+            os.unlink(handle.name)
+            found[spec["name"]] = collections.Counter(re.findall(r"\\b((?:LDG|STG)\\.E(?:\\.\\d+)?)\\b", sass))
+        print(json.dumps(found))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    scalar, vector = found["dice_forward_apply_fp32"], found["dice_forward_apply_fp32_vec4"]
+    assert scalar.get("LDG.E", 0) > 0 and scalar.get("STG.E", 0) > 0 and "LDG.E.128" not in scalar, scalar
+    assert vector.get("LDG.E.128", 0) > 0 and vector.get("STG.E.128", 0) > 0, vector
+    assert "STG.E" not in vector, vector
+
+
 def test_shared_memory_over_the_limit_fails_the_gate():
     from benchmarks.compile_gate import SHARED_MEMORY_LIMIT, KernelReport, format_table, summary
 
