@@ -160,6 +160,17 @@ def test_gate_compiles_with_the_specs_pipelining_depth(tmp_path):
         "k_loop_stages1": (None, 1), "k_loop_stages3": (None, 3)}
 
 
+def _run_native(script: str) -> dict:
+    """Runs ``script`` in a process with native Triton (no ``TRITON_INTERPRET``); the JSON its
+    last line prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_spec_kernels_compile_only_the_gated_variant():
     # The gate compiles no scalar specialized on its value, and marks 16-byte aligned exactly the
     # pointers a kernel specializes on alignment (jit_aligned_pointers: the Dice kernels, whose
@@ -185,12 +196,7 @@ def test_spec_kernels_compile_only_the_gated_variant():
         print(json.dumps({"value": sorted(value_specialized), "mismatched": mismatched,
                           "aligned": sorted(aligned_kernels)}))
     ''')
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = _run_native(script)
     assert found["value"] == [] and found["mismatched"] == [], found
     assert found["aligned"] and all(name.startswith("dice.") for name in found["aligned"]), found["aligned"]
 
@@ -222,12 +228,7 @@ def test_dice_vector_width_reaches_the_machine_code():
             found[spec["name"]] = collections.Counter(re.findall(r"\\b((?:LDG|STG)\\.E(?:\\.\\d+)?)\\b", sass))
         print(json.dumps(found))
     ''')
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = _run_native(script)
     scalar, vector = found["dice_forward_apply_fp32"], found["dice_forward_apply_fp32_vec4"]
     assert scalar.get("LDG.E", 0) > 0 and scalar.get("STG.E", 0) > 0 and "LDG.E.128" not in scalar, scalar
     assert vector.get("LDG.E.128", 0) > 0 and vector.get("STG.E.128", 0) > 0, vector
