@@ -20,9 +20,9 @@ network, in six stages, and writes everything flat under ``--out`` (10 files):
    imports (put it on ``PYTHONPATH``: the GPU machine has no network); skipped otherwise.
 5. ``specialization.jsonl``: the kernels as shipped (the variant the compile gate compiles: no
    argument specialized, Dice's pointers aligned) against Triton's default specialization
-   (16-byte-aligned pointers, scalars divisible by 16 or equal to 1), side by side: attention forward+backward at B=4096
-   T=100 D=36 and Dice forward+backward at 409600x40 in float32 and bfloat16, the MBA step at
-   K=1M in float32; with the registers and spills of every compiled variant: whether alignment
+   (16-byte-aligned pointers, scalars divisible by 16 or equal to 1), side by side: attention
+   forward+backward at B=4096 T=100 D=36 and Dice forward+backward at 409600x40 in float32 and
+   bfloat16, the MBA step at K=1M in float32; with the registers and spills of every compiled variant: whether alignment
    is worth gating a second variant for.
 6. ``profile.jsonl``: where the time goes (``torch.profiler``): per iteration of attention
    forward+backward at B=4096 T=100 D=36 (float32, bfloat16), its forward at B=1024, serving

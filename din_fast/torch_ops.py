@@ -497,11 +497,11 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     """Serving: ``history`` ``[T, D]`` against ``candidates`` ``[C, D]`` with the fold; 16-bit
     inputs compute in float32 (outputs in their dtype), and autocast does not apply.
 
-    The candidates' first layer comes from one ``[T, D] x [D, C * H1]`` product against their
-    ``M_c`` side by side, with ``u_c`` as the product's bias row, so no ``[T, C, H1]`` term is
-    added afterwards. Rows are laid out time-major (``[T, C]``) for that product. On the CPU the
-    candidates go in blocks of about ``BLOCK_ROWS`` pairs (one product each), as the training
-    path's samples do, so that a block's layers stay in the cache.
+    The candidates go in blocks of about ``BLOCK_ROWS`` pairs on the CPU (one block on a GPU), as
+    the training path's samples do, so that a block's layers stay in the cache. A block's first
+    layer is one ``[T, D] x [D, C_block * H1]`` product against its candidates' ``M_c`` side by
+    side, with their ``u_c`` as the product's bias row, so no ``[T, C, H1]`` term is added
+    afterwards; rows are laid out time-major (``[T, C_block]``) for that product.
 
     Returns ``(pooled [C, D], weights [C, T])``.
     """

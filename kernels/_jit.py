@@ -7,6 +7,12 @@ import inspect
 import triton
 
 
+def _runtime_args(fn):
+    """The names of ``fn``'s arguments that are not ``tl.constexpr``."""
+    return [name for name, param in inspect.signature(fn).parameters.items()
+            if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
+
+
 def jit_unspecialized(fn):
     """``@triton.jit`` with no argument specialized on its value: no scalar on being 1 or a
     multiple of 16, no pointer on 16-byte alignment.
@@ -17,8 +23,7 @@ def jit_unspecialized(fn):
     each set of constexprs and launch options compiles to the one kernel the compile gate
     (``benchmarks/compile_gate.py``) compiles ahead of time, so the gate's verdict is the run's.
     """
-    runtime_args = [name for name, param in inspect.signature(fn).parameters.items()
-                    if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
+    runtime_args = _runtime_args(fn)
     return triton.jit(fn, do_not_specialize=runtime_args, do_not_specialize_on_alignment=runtime_args)
 
 
@@ -31,7 +36,5 @@ def jit_aligned_pointers(fn):
     pointer marked aligned. That alignment, with a row width the kernel knows to be a multiple of
     its vector width, lets its loads and stores move 16 bytes per instruction.
     """
-    runtime_args = [name for name, param in inspect.signature(fn).parameters.items()
-                    if param.annotation not in ("tl.constexpr", triton.language.constexpr)]
-    scalars = [name for name in runtime_args if not name.endswith("_ptr")]
+    scalars = [name for name in _runtime_args(fn) if not name.endswith("_ptr")]
     return triton.jit(fn, do_not_specialize=scalars, do_not_specialize_on_alignment=scalars)
