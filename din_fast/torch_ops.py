@@ -518,7 +518,8 @@ def score_candidates(history: Tensor, candidates: Tensor, weights: Sequence[Tens
     scores = history.new_empty(num_candidates, seq_len)
     for start, end in _row_blocks(num_candidates, seq_len, None, history.device):
         folds = _transposed_fold(candidates[start:end], w_k, w_p).view(-1, dim).t()
-        h1 = torch.addmm(query_bias[start:end].reshape(1, -1), history, folds).view(seq_len, end - start, -1)
+        h1 = torch.addmm(query_bias[start:end].reshape(1, -1), history, folds).view(seq_len, end - start,
+                                                                                    w_k.shape[0])
         scores[start:end] = _score_layers(h1, weights, biases, activation, act_params, None, False, 0.0, eps).t()
     attn = _normalize(scores, None, normalization, softmax_scale)
     return attn @ history, attn

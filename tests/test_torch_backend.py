@@ -246,6 +246,22 @@ def test_score_candidates_in_blocks_matches_reference(monkeypatch, block_rows, a
     test_score_candidates_matches_reference(torch.float32, activation, dice_affine, normalization, 0.5)
 
 
+@pytest.mark.parametrize("activation,dice_affine", [("sigmoid", False), ("dice", True)])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_score_candidates_with_an_empty_history(activation, dice_affine, normalization):
+    """T = 0: every candidate pools nothing (zeros ``[C, D]``, weights ``[C, 0]``), as in the
+    reference."""
+    weights, biases, act_params = random_attention_mlp(36, (80, 40), activation, dice_affine=dice_affine)
+    history, candidates = torch.randn(0, 36), torch.randn(5, 36)
+    options = dict(activation=activation, normalization=normalization)
+    pooled, attn = torch_ops.score_candidates(history, candidates, weights, biases, act_params=act_params, **options)
+    ref = R.score_candidates(*float64_copies([history, candidates, weights, biases]),
+                             act_params=float64_copies(act_params), **options)
+    assert pooled.shape == (5, 36) and attn.shape == (5, 0)
+    assert torch.equal(pooled, torch.zeros_like(pooled))
+    assert_close(pooled, ref[0], torch.float32, "pooled")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 5), (1, 3), (6, 4, 80), (2, 1, 40)])
 @pytest.mark.parametrize("masked", [False, True])
