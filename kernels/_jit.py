@@ -27,6 +27,15 @@ def jit_unspecialized(fn):
     return triton.jit(fn, do_not_specialize=runtime_args, do_not_specialize_on_alignment=runtime_args)
 
 
+# The alignment, in bytes, that ``jit_aligned_pointers`` kernels take their pointers at.
+POINTER_ALIGNMENT = 16
+
+
+def is_aligned(tensor) -> bool:
+    """Whether ``tensor``'s data start at a ``POINTER_ALIGNMENT`` boundary."""
+    return tensor.data_ptr() % POINTER_ALIGNMENT == 0
+
+
 def jit_aligned_pointers(fn):
     """``@triton.jit`` that specializes the pointers (the arguments named ``*_ptr``) on 16-byte
     alignment and no scalar on its value.

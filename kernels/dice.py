@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from din_fast._numerics import DICE_KERNEL_MAX_POSITIONS
-from din_fast.kernels._jit import jit_aligned_pointers
+from din_fast.kernels._jit import is_aligned, jit_aligned_pointers
 
 Tensor = torch.Tensor
 # (BLOCK_M, BLOCK_C, num_warps) of the one-launch path: BLOCK_M is the most rows it holds.
@@ -525,7 +525,7 @@ def _vector_width(channels: int) -> int:
 
 def _check_aligned(*tensors: Tensor) -> None:
     # The kernels specialize their pointers on 16-byte alignment; the gate compiled that variant.
-    assert all(t.data_ptr() % 16 == 0 for t in tensors), "the kernels take 16-byte-aligned tensors"
+    assert all(is_aligned(t) for t in tensors), "the kernels take 16-byte-aligned tensors"
 
 
 def _check_2d(x: Tensor) -> Tuple[int, int]:

@@ -123,9 +123,9 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
     names = ["query", "keys"] + [f"weights[{i}]" for i in range(n)] + [f"biases[{i}]" for i in range(n)] + \
         trainable_names(activation, act_params)
     assert len(names) == len(leaves)
-    counted = (mask if mask is not None else torch.arange(seq_len)[None, :] < lengths[:, None]
-               if lengths is not None else torch.ones(batch, seq_len, dtype=torch.bool))
-    terms = score_terms(counted, grad_pooled, keys, grad_attn, ref_attn, normalization, softmax_scale)
+    valid = (mask if mask is not None else torch.arange(seq_len)[None, :] < lengths[:, None]
+             if lengths is not None else torch.ones(batch, seq_len, dtype=torch.bool))
+    terms = score_terms(valid, grad_pooled, keys, grad_attn, ref_attn, normalization, softmax_scale)
     for name, got, want, leaf in zip(names, grads, ref_grads, leaves):
         assert got.shape == leaf.shape and got.dtype == leaf.dtype, name
         score_layer = name in (f"weights[{n - 1}]", f"biases[{n - 1}]")
@@ -135,7 +135,6 @@ def run_and_compare(batch, seq_len, dim, hidden, *, activation="sigmoid", normal
             assert_close(layer[1], ref_layer[1], dtype, f"running_mean[{i}]")
             assert_close(layer[2], ref_layer[2], dtype, f"running_var[{i}]")
     if lengths is not None or mask is not None:
-        valid = mask if mask is not None else torch.arange(seq_len)[None, :] < lengths[:, None]
         # Statistics over all positions carry gradient to the padding keys, and the query's with them.
         through_statistics = activation == "dice" and training and dice_stats == "all"
         assert_padding_is_zero(valid, pooled, attn, *((None, None) if through_statistics else grads[:2]))

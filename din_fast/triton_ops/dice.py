@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from din_fast.kernels import dice as _k
+from din_fast.kernels._jit import is_aligned
 
 Tensor = torch.Tensor
 
@@ -25,7 +26,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _aligned(t: Tensor) -> Tensor:
     """``t`` (contiguous), copied where its data does not start on a 16-byte boundary (a view
     at an offset): the kernels take only aligned pointers."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    return t if is_aligned(t) else t.clone()
 
 
 def _flat_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
